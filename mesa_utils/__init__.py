@@ -1,0 +1,1 @@
+"""MESA reproduction: the small library behind the notebooks (see README)."""

@@ -1,0 +1,143 @@
+"""The 51 black-white 3x3 triggers, random colour triggers, pasting and poisoning.
+
+A black-white trigger is a 9-bit pattern (most significant bit top-left, row-major; the same
+value in R, G, B). Two patterns are the same trigger when a rotation, a flip, a colour
+inversion, or a combination maps one onto the other; the 512 patterns fall into 51 such
+classes, each named by its smallest member (section 4.3 of the paper).
+Triggers live in pixel space [0, 1]; `apply_trigger` normalises them like the images and
+writes them over the (normalised) images, one position per image.
+"""
+import torch
+
+from .data import STATS
+
+_CIFAR10_MEAN, _CIFAR10_STD = (torch.tensor(s) for s in STATS["cifar10"])
+
+
+def pattern_from_id(trigger_id: int) -> torch.Tensor:
+    """(3, 3) float in {0, 1} of a 9-bit pattern, most significant bit top-left."""
+    bits = [(trigger_id >> (8 - k)) & 1 for k in range(9)]
+    return torch.tensor(bits, dtype=torch.float32).view(3, 3)
+
+
+def _id_from_pattern(pattern: torch.Tensor) -> int:
+    return int(sum(int(b) << (8 - k) for k, b in enumerate(pattern.flatten().tolist())))
+
+
+def symmetry_class(trigger_id: int) -> tuple:
+    """Sorted ids of all patterns equal to `trigger_id` up to rotation, flip and inversion."""
+    _check_bits(trigger_id)
+    members = set()
+    pattern = pattern_from_id(trigger_id)
+    for p in (pattern, 1 - pattern):
+        for q in (p, p.T):                      # a transpose is a flip composed with a rotation
+            for k in range(4):
+                members.add(_id_from_pattern(torch.rot90(q, k)))
+    return tuple(sorted(members))
+
+
+def _check_bits(trigger_id):
+    if isinstance(trigger_id, bool) or not isinstance(trigger_id, int) or not 0 <= trigger_id < 512:
+        raise ValueError(f"unknown trigger id {trigger_id!r}: a black-white 3x3 trigger is an "
+                         "integer 0..511 (9 bits, most significant bit top-left)")
+
+
+BW_TRIGGER_IDS = tuple(sorted({symmetry_class(i)[0] for i in range(512)}))
+
+
+def check_trigger_ids(ids) -> None:
+    """Raise ValueError unless every id is one of the 51 canonical ids."""
+    for trigger_id in ids:
+        _check_bits(trigger_id)
+        if trigger_id not in BW_TRIGGER_IDS:
+            raise ValueError(f"trigger id {trigger_id} is not one of the 51 canonical ids; it "
+                             f"is the same trigger as {symmetry_class(trigger_id)[0]}. Known ids: "
+                             f"{', '.join(map(str, BW_TRIGGER_IDS))}")
+
+
+def trigger_from_id(trigger_id: int) -> torch.Tensor:
+    """(3, 3, 3) float trigger in {0, 1} (channels, rows, columns) of any 9-bit pattern."""
+    _check_bits(trigger_id)
+    return pattern_from_id(trigger_id).expand(3, 3, 3).clone()
+
+
+def black_white_triggers() -> torch.Tensor:
+    """(51, 3, 3, 3) float in {0, 1}: the triggers of BW_TRIGGER_IDS, in that order."""
+    return torch.stack([trigger_from_id(i) for i in BW_TRIGGER_IDS])
+
+
+def random_color_triggers(n: int, seed: int, size: int = 3) -> torch.Tensor:
+    """(n, 3, size, size) float in [0, 1]: seeded random colour triggers (Appendix B)."""
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def random_positions(n, image_size, trigger_size, device=None, generator=None) -> torch.Tensor:
+    """(n, 2) int64 top-left corners (row, column), uniform over every valid position."""
+    (height, width), (h, w) = image_size, trigger_size
+    high = torch.tensor([height - h + 1, width - w + 1], device=device)
+    return (torch.rand(n, 2, device=device, generator=generator) * high).long()
+
+
+def apply_trigger(images, triggers, positions=None, generator=None, mean=None, std=None):
+    """Paste triggers over normalised images, one top-left corner per image.
+
+    images: float (N, C, H, W), normalised with `mean`/`std` ((C,), default CIFAR-10's).
+    triggers: float in pixel space [0, 1], (C, h, w) for all images or (N, C, h, w) one each.
+    positions: int (N, 2) of (row, column); None draws uniform corners with `generator`.
+    Returns a new tensor; gradients flow to `triggers`.
+    """
+    n, c, height, width = images.shape
+    if triggers.dim() not in (3, 4) or triggers.shape[-3] != c:
+        raise ValueError(f"trigger shape {tuple(triggers.shape)} does not fit images of shape "
+                         f"{tuple(images.shape)}: expected (C, h, w) or (N, C, h, w) with C={c}")
+    if triggers.dim() == 4 and triggers.shape[0] != n:
+        raise ValueError(f"{triggers.shape[0]} triggers for {n} images: give one trigger "
+                         "(C, h, w) or exactly one per image (N, C, h, w)")
+    h, w = triggers.shape[-2:]
+    if h > height or w > width:
+        raise ValueError(f"trigger of size {h}x{w} is larger than the {height}x{width} images")
+    device = images.device
+    if positions is None:
+        positions = random_positions(n, (height, width), (h, w), device, generator)
+    elif positions.shape != (n, 2) or ((positions < 0).any()
+                                       or (positions[:, 0] > height - h).any()
+                                       or (positions[:, 1] > width - w).any()):
+        raise ValueError(f"positions must be (N, 2) corners with rows in 0..{height - h} and "
+                         f"columns in 0..{width - w}, got shape {tuple(positions.shape)}")
+    mean = (_CIFAR10_MEAN if mean is None else mean).to(device).view(c, 1, 1)
+    std = (_CIFAR10_STD if std is None else std).to(device).view(c, 1, 1)
+    patch = ((triggers.to(device) - mean) / std).to(images.dtype)
+    patch = patch.expand(n, c, h, w).permute(0, 2, 3, 1)                     # (N, h, w, C)
+    rows = (positions[:, :1] + torch.arange(h, device=device))[:, :, None]   # (N, h, 1)
+    cols = (positions[:, 1:] + torch.arange(w, device=device))[:, None, :]   # (N, 1, w)
+    out = images.clone()
+    out[torch.arange(n, device=device)[:, None, None], :, rows, cols] = patch
+    return out
+
+
+class TriggerPaster:
+    """A fixed trigger (C, h, w) in [0, 1], pasted at random positions; a trigger source."""
+
+    def __init__(self, trigger, mean=None, std=None):
+        self.trigger, self.mean, self.std = trigger, mean, std
+
+    def __call__(self, images, generator=None):
+        return apply_trigger(images, self.trigger, generator=generator, mean=self.mean,
+                             std=self.std)
+
+
+def poison(images, labels, source, rate, target=None, generator=None):
+    """Apply `source` to each image with probability `rate`; relabel those to `target`.
+
+    source: a callable (images (M, C, H, W), generator) -> triggered images, e.g. a
+    TriggerPaster or a sampler of generated triggers. target=None keeps the true labels
+    (the defence's retraining). Returns new (images, labels) and the bool mask (N,) used.
+    """
+    mask = torch.rand(len(images), device=images.device, generator=generator) < rate
+    if not mask.any():
+        return images, labels, mask
+    images, labels = images.clone(), labels.clone()
+    images[mask] = source(images[mask], generator)
+    if target is not None:
+        labels[mask] = target
+    return images, labels, mask
