@@ -1,0 +1,55 @@
+import torch
+
+from mesa_utils.models import GeneratorBank, ResNet18, StatisticsBank, frozen
+
+
+def test_resnet18_shapes_and_width():
+    for width, classes in ((4, 10), (8, 100)):
+        model = ResNet18(classes, width)
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, classes)
+        assert model.head.in_features == 8 * width
+    assert sum(p.numel() for p in ResNet18(10, 64).parameters()) == 11_173_962  # the paper's
+
+
+def test_frozen_model_accumulates_no_parameter_gradients():
+    model = frozen(ResNet18(10, 4))
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad is not None and all(p.grad is None for p in model.parameters())
+    assert not model.training
+
+
+def test_generator_output_shape_and_range():
+    bank = GeneratorBank(3, noise_dim=64, hidden=32, trigger_shape=(3, 5, 5))
+    out = bank(bank.noise(16))
+    assert out.shape == (3, 16, 3, 5, 5) and 0 < out.min() and out.max() < 1
+
+
+def test_bank_equals_separate_generators_with_the_same_seeds():
+    seeds = [5, 9, 11]
+    bank = GeneratorBank(3, hidden=32, seeds=seeds)
+    singles = [GeneratorBank(1, hidden=32, seeds=[s]) for s in seeds]
+    z = torch.rand(3, 8, 64)
+    for mode in ("train", "eval"):
+        for net in [bank] + singles:
+            getattr(net, mode)()
+        together = bank(z)
+        for i, single in enumerate(singles):
+            assert torch.allclose(together[i], single(z[i:i + 1])[0], atol=1e-6), mode
+
+
+def test_batchnorm_statistics_stay_per_member():
+    bank = GeneratorBank(2, hidden=16)
+    z = torch.rand(2, 8, 64)
+    first = bank(z)[0]
+    z[1] = z[1] * 0 + 0.5                # change only member 1's inputs
+    assert torch.allclose(bank(z)[0], first)
+
+
+def test_statistics_bank_shape_and_members_independent():
+    stats = StatisticsBank(2, noise_dim=8, hidden=16, trigger_shape=(3, 3, 3), seeds=[1, 2])
+    single = StatisticsBank(1, noise_dim=8, hidden=16, trigger_shape=(3, 3, 3), seeds=[2])
+    z, x = torch.rand(2, 5, 8), torch.rand(2, 5, 3, 3, 3)
+    out = stats(z, x)
+    assert out.shape == (2, 5)
+    assert torch.allclose(out[1], single(z[1:], x[1:])[0], atol=1e-6)
