@@ -1,0 +1,244 @@
+"""The paper's figures (and a few diagnostics) as matplotlib/seaborn figures.
+
+Every function returns a Figure; `save` writes it (PNG, atomically) under figures/<profile>/.
+Triggers are tensors (N, 3, h, w) in [0, 1], drawn as small images ("thumbnails").
+"""
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
+from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+from .store import REPO_ROOT
+
+METHOD_STYLE = {   # method -> (label, colour, marker)
+    "mesa": ("MESA", "tab:blue", "o"),
+    "mesa_mixture": ("MESA mixture", "tab:purple", "D"),
+    "baseline": ("baseline (mean, min-max)", "tab:red", "s"),
+    "neural_cleanse": ("Neural Cleanse", "tab:orange", "^"),
+    "ideal": ("ideal", "tab:green", "*"),
+}
+
+
+def figure_dir(profile: str) -> Path:
+    path = REPO_ROOT / "figures" / profile
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save(fig, profile: str, name: str) -> Path:
+    """Write `fig` to figures/<profile>/<name>.png (temp file + rename) and return the path."""
+    path = figure_dir(profile) / f"{name}.png"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
+    os.close(fd)
+    fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    os.replace(tmp, path)
+    return path
+
+
+def save_table(df: pd.DataFrame, profile: str, name: str) -> Path:
+    """Write a tidy table to figures/<profile>/<name>.csv (temp file + rename)."""
+    path = figure_dir(profile) / f"{name}.csv"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".csv.tmp")
+    os.close(fd)
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def _image(trigger) -> np.ndarray:
+    return torch.as_tensor(trigger).detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def trigger_grid(triggers, titles, ncols=17, size=0.7):
+    """All triggers in a grid, each titled (e.g. the 51 black-white triggers with their ids)."""
+    n = len(triggers)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * size, nrows * size * 1.25),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, trigger, title in zip(axes.flat, triggers, titles):
+        ax.imshow(_image(trigger), interpolation="nearest", vmin=0, vmax=1)
+        ax.set_title(str(title), fontsize=8)
+    return fig
+
+
+def _thumbnail_ticks(ax, triggers, zoom=4.0):
+    """Draw triggers under the x axis at ticks 0..len-1 (instead of tick labels)."""
+    ax.set_xticks(range(len(triggers)))
+    ax.set_xticklabels([])
+    for x, trigger in enumerate(triggers):
+        box = AnnotationBbox(OffsetImage(_image(trigger), zoom=zoom, interpolation="nearest"),
+                             (x, 0), xybox=(0, -14), xycoords=("data", "axes fraction"),
+                             boxcoords="offset points", frameon=False)
+        ax.add_artist(box)
+
+
+def attack_figure(df: pd.DataFrame, triggers):
+    """Clean accuracy and ASR per backdoored model (rows of df: trigger, clean_accuracy, asr,
+    clean_model_accuracy), triggers drawn on the axis."""
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(df) + 2), 3.2))
+    x = np.arange(len(df))
+    ax.bar(x - 0.2, 100 * df["asr"], 0.4, label="ASR", color="tab:red")
+    ax.bar(x + 0.2, 100 * df["clean_accuracy"], 0.4, label="clean accuracy", color="tab:blue")
+    ax.axhline(100 * df["clean_model_accuracy"].iloc[0], color="k", ls="--", lw=1,
+               label="clean model")
+    ax.set_ylabel("% on the 2K eval split")
+    ax.set_ylim(0, 105)
+    _thumbnail_ticks(ax, triggers)
+    ax.legend(loc="lower right", fontsize=8)
+    return fig
+
+
+def detection_heatmap(df: pd.DataFrame):
+    """Average ASR (%) of each class's generated triggers: rows trigger, columns class."""
+    table = df.pivot(index="trigger", columns="class", values="asr") * 100
+    fig, ax = plt.subplots(figsize=(0.6 * table.shape[1] + 2, 0.45 * table.shape[0] + 1.2))
+    sns.heatmap(table, annot=True, fmt=".0f", cmap="rocket_r", vmin=0, vmax=100, ax=ax,
+                cbar_kws={"label": "ASR of sampled triggers (%)"})
+    ax.set_xlabel("candidate target class")
+    ax.set_ylabel("original trigger")
+    return fig
+
+
+def mesa_log_figure(log: dict, labels):
+    """Per-step hinge term, MI estimate and mean target softmax for each member of a bank."""
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3))
+    for ax, name in zip(axes, ("hinge", "mi", "softmax")):
+        values = log[name].numpy()
+        for i, label in enumerate(labels):
+            ax.plot(values[:, i], label=str(label), lw=1)
+        ax.set_title(name)
+        ax.set_xlabel("generator step")
+    axes[-1].legend(fontsize=7)
+    return fig
+
+
+def thin(points: np.ndarray, min_distance: float) -> np.ndarray:
+    """Indices of points kept so that no two kept points lie closer than min_distance
+    (greedy, first come first kept); the plot omits near-duplicates, as the paper's does."""
+    kept = []
+    for i, p in enumerate(points):
+        if not kept or np.min(np.linalg.norm(points[kept] - p, axis=1)) >= min_distance:
+            kept.append(i)
+    return np.array(kept, dtype=int)
+
+
+def thumbnail_scatter(ax, points, triggers, min_distance, zoom=2.5):
+    """Each (thinned) point drawn as its 3x3 trigger."""
+    for i in thin(points, min_distance):
+        ax.add_artist(AnnotationBbox(OffsetImage(_image(triggers[i]), zoom=zoom,
+                                                 interpolation="nearest"),
+                                     points[i], frameon=False, pad=0))
+
+
+def embedding_panels(panels, min_fraction=0.04):
+    """Fig. 3: one panel per setting, all on the same axes. panels: dicts with title,
+    points (n, 2) and triggers (n, 3, h, w)."""
+    all_points = np.concatenate([p["points"] for p in panels])
+    low, high = all_points.min(0), all_points.max(0)
+    pad = 0.08 * (high - low)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        ax.set_xlim(low[0] - pad[0], high[0] + pad[0])
+        ax.set_ylim(low[1] - pad[1], high[1] + pad[1])
+        thumbnail_scatter(ax, panel["points"], panel["triggers"],
+                          min_fraction * float(np.linalg.norm(high - low)))
+        ax.set_title(panel["title"], fontsize=9)
+        ax.set_xlabel("PC 1")
+    axes[0, 0].set_ylabel("PC 2")
+    return fig
+
+
+def defense_figure(df: pd.DataFrame, triggers_by_id: dict):
+    """Fig. 4: after-defence ASR per original trigger, sorted by the baseline's mean.
+
+    df: tidy rows of defense.compare_defenses (trigger, method, beta, start, asr_after).
+    """
+    baseline = df[df.method == "baseline"].groupby("trigger")["asr_after"].agg(
+        ["mean", "min", "max"])
+    order = baseline.sort_values("mean").index.tolist()
+    x = {trigger: i for i, trigger in enumerate(order)}
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(order) + 3), 3.6))
+    ax.errorbar([x[t] for t in order], 100 * baseline.loc[order, "mean"],
+                yerr=100 * np.stack([baseline.loc[order, "mean"] - baseline.loc[order, "min"],
+                                     baseline.loc[order, "max"] - baseline.loc[order, "mean"]]),
+                fmt=METHOD_STYLE["baseline"][2], color=METHOD_STYLE["baseline"][1], capsize=3,
+                label=METHOD_STYLE["baseline"][0])
+    betas = sorted(df[df.method == "mesa"]["beta"].dropna().unique())
+    shades = dict(zip(betas, sns.color_palette("Blues", len(betas) + 1)[1:]))
+    for beta in betas:
+        rows = df[(df.method == "mesa") & (df.beta == beta)]
+        ax.plot([x[t] for t in rows.trigger], 100 * rows.asr_after, "o", color=shades[beta],
+                label=f"MESA beta={beta:g}")
+    for method in ("mesa_mixture", "neural_cleanse", "ideal"):
+        rows = df[df.method == method]
+        if len(rows):
+            label, colour, marker = METHOD_STYLE[method]
+            ax.plot([x[t] for t in rows.trigger], 100 * rows.asr_after, marker, color=colour,
+                    label=label, ls="none")
+    ax.set_ylabel("ASR after defence (%)")
+    ax.set_xlim(-0.5, len(order) - 0.5)
+    _thumbnail_ticks(ax, [triggers_by_id[t] for t in order])
+    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    return fig
+
+
+def tsne_figure(panels, min_fraction=0.03):
+    """Fig. 5: per original trigger, its reversed distribution (t-SNE points drawn as
+    triggers) with the original and a baseline trigger beside it. panels: dicts with title,
+    points (n, 2), triggers (n, 3, h, w), original (3, h, w), baseline (3, h, w)."""
+    fig = plt.figure(figsize=(4.2 * len(panels), 3.6))
+    grid = fig.add_gridspec(2, 2 * len(panels), width_ratios=[1, 4] * len(panels))
+    for j, panel in enumerate(panels):
+        for row, (name, trigger) in enumerate((("original", panel["original"]),
+                                               ("baseline", panel["baseline"]))):
+            ax = fig.add_subplot(grid[row, 2 * j])
+            ax.imshow(_image(trigger), interpolation="nearest", vmin=0, vmax=1)
+            ax.set_title(name, fontsize=8)
+            ax.axis("off")
+        ax = fig.add_subplot(grid[:, 2 * j + 1])
+        points = panel["points"]
+        low, high = points.min(0), points.max(0)
+        pad = 0.08 * (high - low)
+        ax.set_xlim(low[0] - pad[0], high[0] + pad[0])
+        ax.set_ylim(low[1] - pad[1], high[1] + pad[1])
+        thumbnail_scatter(ax, points, panel["triggers"],
+                          min_fraction * float(np.linalg.norm(high - low)))
+        ax.set_title(panel["title"], fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return fig
+
+
+matplotlib.rcParams["figure.max_open_warning"] = 0
+
+
+def original_vs_distribution(points, triggers, original_point, original, title):
+    """Fig. 1(b): the valid trigger distribution (PCA points drawn as triggers) with the
+    original trigger marked where it falls in the same plane."""
+    fig, (ax_original, ax) = plt.subplots(1, 2, figsize=(6.5, 3.4),
+                                          gridspec_kw={"width_ratios": [1, 4]})
+    ax_original.imshow(_image(original), interpolation="nearest", vmin=0, vmax=1)
+    ax_original.set_title("original", fontsize=9)
+    ax_original.axis("off")
+    everything = np.concatenate([points, original_point[None]])
+    low, high = everything.min(0), everything.max(0)
+    pad = 0.08 * (high - low)
+    ax.set_xlim(low[0] - pad[0], high[0] + pad[0])
+    ax.set_ylim(low[1] - pad[1], high[1] + pad[1])
+    thumbnail_scatter(ax, points, triggers, 0.04 * float(np.linalg.norm(high - low)))
+    ax.plot(*original_point, marker="*", ms=16, color="tab:red", mec="k", ls="none",
+            label="original trigger")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    return fig

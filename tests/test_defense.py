@@ -1,0 +1,98 @@
+"""Defence pieces: retraining keeps labels, the baseline and Neural Cleanse reverse a known
+backdoor, the MAD anomaly index flags a planted outlier, the summary table."""
+import pandas as pd
+import torch
+
+from mesa_utils.config import BaselineConfig, NeuralCleanseConfig, TrainConfig
+from mesa_utils.defense import (MaskSource, anomaly_index, neural_cleanse, reverse_triggers,
+                                summarize)
+from mesa_utils.models import ResNet18
+from mesa_utils.train import fit
+from mesa_utils.triggers import TriggerPaster
+from tests.conftest import BrightPatchModel, make_splits
+
+
+def test_retraining_keeps_true_labels_and_the_data_untouched(toy_ctx, monkeypatch):
+    toy_ctx.splits = make_splits(n=32, label=2)
+    seen = []
+    original_loss = torch.nn.functional.cross_entropy
+
+    def spy(logits, labels, **kwargs):
+        seen.append(labels.clone())
+        return original_loss(logits, labels, **kwargs)
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", spy)
+    images_before = toy_ctx.splits.defense_images.clone()
+    history = fit(toy_ctx, ResNet18(3, 4), toy_ctx.splits.defense_images,
+                  toy_ctx.splits.defense_labels, TrainConfig(epochs=2, batch_size=8,
+                                                             poison_rate=0.5),
+                  source=TriggerPaster(torch.ones(3, 3, 3)), target=None)
+    assert sum(h["poisoned"] for h in history) > 0          # triggers were pasted ...
+    assert all((labels == 2).all() for labels in seen)      # ... and no label changed
+    assert torch.equal(toy_ctx.splits.defense_images, images_before)
+
+
+def test_attack_fit_relabels_poisoned_images(toy_ctx, monkeypatch):
+    toy_ctx.splits = make_splits(n=32, label=2)
+    seen = []
+    original_loss = torch.nn.functional.cross_entropy
+
+    def spy(logits, labels, **kwargs):
+        seen.append(labels.clone())
+        return original_loss(logits, labels, **kwargs)
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", spy)
+    fit(toy_ctx, ResNet18(3, 4), toy_ctx.splits.train_images, toy_ctx.splits.train_labels,
+        TrainConfig(epochs=1, batch_size=8, poison_rate=1.0),
+        source=TriggerPaster(torch.ones(3, 3, 3)), target=0)
+    assert all((labels == 0).all() for labels in seen)
+
+
+def test_baseline_reverses_a_valid_trigger(toy_ctx):
+    triggers = reverse_triggers(toy_ctx, BrightPatchModel(), 0,
+                                BaselineConfig(starts=4, steps=40, lr=0.5, batch_size=16),
+                                toy_ctx.splits.defense_images)
+    assert triggers.shape == (4, 3, 3, 3) and 0 <= triggers.min() and triggers.max() <= 1
+    valid = BrightPatchModel().valid_brightness(0.9)
+    assert (triggers.flatten(1).mean(1) > valid).all()    # bright = valid for this model
+    starts = reverse_triggers(toy_ctx, BrightPatchModel(), 0, BaselineConfig(starts=4, steps=0),
+                              toy_ctx.splits.defense_images)
+    assert not torch.allclose(starts[0], starts[1])       # independent random starts
+
+
+def test_anomaly_index_flags_a_planted_outlier():
+    norms = torch.tensor([40.0, 41, 39, 40.5, 39.5, 40, 40, 5, 41, 39])
+    index = anomaly_index(norms)
+    assert int(index.argmax()) == 7 and index[7] > 2
+    assert (index[torch.arange(10) != 7] < 2).all()
+
+
+def test_neural_cleanse_finds_a_small_mask_only_for_the_backdoored_class(toy_ctx):
+    cfg = NeuralCleanseConfig(steps=150, batch_size=8, check_every=5, patience=2, lr=0.1)
+    toy_ctx.splits = make_splits(n=64, num_classes=3, label=2)
+    result = neural_cleanse(toy_ctx, BrightPatchModel(num_classes=3, target=0), cfg,
+                            toy_ctx.splits.defense_images)
+    assert result["masks"].shape == (3, 1, 32, 32) and result["patterns"].shape == (3, 3, 32, 32)
+    assert bool(result["reached"][0])
+    assert result["l1"][0] < 30                  # a few bright pixels are enough for class 0
+    source = MaskSource(result["masks"][0], result["patterns"][0], toy_ctx.splits.mean,
+                        toy_ctx.splits.std)
+    x = torch.zeros(4, 3, 32, 32)
+    assert (BrightPatchModel()(source(x)).argmax(1) == 0).all()
+
+
+def test_summary_lists_every_method_beside_the_paper():
+    rows = []
+    for trigger in (170, 15):
+        for method, beta, start in [("mesa", 0.5, None), ("mesa", 0.9, None),
+                                    ("mesa_mixture", None, None), ("baseline", None, 0),
+                                    ("baseline", None, 1), ("neural_cleanse", None, None),
+                                    ("ideal", None, None)]:
+            rows.append({"trigger": trigger, "method": method, "beta": beta, "start": start,
+                         "asr_before": 0.99, "asr_after": 0.05 if start != 1 else 0.4,
+                         "clean_before": 0.8, "clean_after": 0.79})
+    table = summarize(pd.DataFrame(rows))
+    assert table.method.tolist() == ["before defence", "mesa beta=0.5", "mesa beta=0.9",
+                                     "mesa_mixture", "baseline", "neural_cleanse", "ideal"]
+    baseline = table.set_index("method").loc["baseline"]
+    assert baseline["worst_asr_%"] == 40 and baseline["runs"] == 4
+    assert table.set_index("method").loc["mesa beta=0.9", "paper"] == "mean 3.4%, worst 5.9%"
+    assert abs(baseline["clean_change_pts"] + 1) < 1e-6
