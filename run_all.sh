@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# MESA reproduction: set up the environment if needed, then run the numbered notebooks with
+# papermill for one profile (default: quick), or the test suite.
+#
+#   ./run_all.sh                          all notebooks, quick profile
+#   ./run_all.sh --profile smoke|quick|paper [papermill options, e.g. -p seed 1 -y 'triggers: [170]']
+#   ./run_all.sh --test                   unit tests + every notebook under nbval (smoke profile)
+#
+# Executed notebooks are kept in data/runs/<profile>/; figures and CSV tables go to
+# figures/<profile>/. The first error stops the run with a non-zero exit status.
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$(pwd)
+VENV=${MESA_VENV:-$ROOT/.venv}
+PROFILE=quick
+MODE=run
+PASSTHROUGH=()
+while (($#)); do
+    case "$1" in
+        --profile) [[ $# -ge 2 ]] || { echo "error: --profile needs a value (smoke, quick or paper)" >&2; exit 2; }
+                   PROFILE=$2; shift 2 ;;
+        --profile=*) PROFILE=${1#--profile=}; shift ;;
+        --test) MODE=test; shift ;;
+        -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+        *) PASSTHROUGH+=("$1"); shift ;;
+    esac
+done
+case "$PROFILE" in
+    smoke|quick|paper) ;;
+    *) echo "error: unknown profile '$PROFILE'; choose smoke, quick or paper" >&2; exit 2 ;;
+esac
+
+# --- environment: a virtual environment from requirements.txt, reused while it matches -------
+PYTHON=${PYTHON:-python3}
+command -v "$PYTHON" >/dev/null || { echo "error: $PYTHON not found; install Python 3.10-3.12" >&2; exit 1; }
+"$PYTHON" -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] <= (3, 12))' || {
+    echo "error: $("$PYTHON" --version 2>&1) found; Python 3.10-3.12 is needed (set PYTHON=...)" >&2; exit 1; }
+STAMP=$VENV/.requirements.sha256
+WANT=$(sha256sum requirements.txt | cut -d' ' -f1)
+if [[ ! -x $VENV/bin/python || ! -f $STAMP || $(cat "$STAMP") != "$WANT" ]]; then
+    echo "setting up $VENV from requirements.txt (first run: a few minutes)"
+    "$PYTHON" -m venv "$VENV" || { echo "error: could not create a virtual environment (install the venv module, e.g. python3-venv)" >&2; exit 1; }
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    "$VENV/bin/python" -m pip install --quiet -r requirements.txt || {
+        echo "error: pip could not install requirements.txt (no access to a package index?)" >&2; exit 1; }
+    # Make mesa_utils importable from any kernel of this environment (papermill, nbval, Jupyter).
+    "$VENV/bin/python" -c 'import site, sys; open(site.getsitepackages()[0] + "/mesa_repo.pth", "w").write(sys.argv[1] + "\n")' "$ROOT"
+    echo "$WANT" > "$STAMP"
+fi
+export PATH=$VENV/bin:$PATH
+
+if [[ $MODE == test ]]; then
+    export MESA_PROFILE=smoke
+    exec python -m pytest tests notebooks --nbval-lax -p no:cacheprovider "${PASSTHROUGH[@]}"
+fi
+
+# --- run the numbered notebooks in order --------------------------------------------------------
+OUTDIR=data/runs/$PROFILE
+mkdir -p "$OUTDIR"
+shopt -s nullglob
+NOTEBOOKS=(notebooks/[0-9][0-9]_*.ipynb)
+(( ${#NOTEBOOKS[@]} )) || { echo "error: no notebooks found in notebooks/" >&2; exit 1; }
+START=$(date +%s)
+for nb in "${NOTEBOOKS[@]}"; do
+    name=$(basename "$nb")
+    echo "=== $name (profile $PROFILE) ==="
+    t0=$(date +%s)
+    if ! papermill "$nb" "$OUTDIR/$name" --cwd notebooks -p profile "$PROFILE" \
+            --progress-bar "${PASSTHROUGH[@]}"; then
+        echo "error: $name failed; the executed notebook with the error is $OUTDIR/$name" >&2
+        exit 1
+    fi
+    echo "=== $name done in $(( $(date +%s) - t0 )) s ==="
+done
+echo "all ${#NOTEBOOKS[@]} notebooks done in $(( $(date +%s) - START )) s; executed notebooks in $OUTDIR, figures in figures/$PROFILE"
