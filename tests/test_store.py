@@ -1,0 +1,116 @@
+"""The artefact store: keys change with every hyperparameter, writes are atomic, stale files
+are refused with a clear error."""
+import dataclasses
+
+import pytest
+import torch
+
+from mesa_utils.config import make_config
+from mesa_utils.defense import retrain
+from mesa_utils.mesa import Member, bank_spec
+from mesa_utils.store import StaleCacheError, Store, spec_key
+from mesa_utils.train import backdoor_spec, clean_spec
+
+
+def _changed(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, tuple):
+        return value + value[-1:] if value else (1,)
+    raise TypeError(value)
+
+
+def _variants(obj):
+    """(field name, obj with that one field changed) for every leaf field of a dataclass."""
+    for field in dataclasses.fields(obj):
+        value = getattr(obj, field.name)
+        if dataclasses.is_dataclass(value):
+            for name, inner in _variants(value):
+                yield f"{field.name}.{name}", dataclasses.replace(obj, **{field.name: inner})
+        else:
+            yield field.name, dataclasses.replace(obj, **{field.name: _changed(value)})
+
+
+def test_clean_and_backdoor_keys_change_with_every_relevant_hyperparameter(toy_ctx):
+    relevant_clean = {"dataset", "train_subset", "width", "seed"}
+    base_clean = spec_key(clean_spec(toy_ctx))
+    base_backdoor = spec_key(backdoor_spec(toy_ctx, 170))
+    for name, cfg in _variants(toy_ctx.cfg):
+        ctx = dataclasses.replace(toy_ctx, cfg=cfg)
+        if name.startswith("clean.") or name in relevant_clean:
+            assert spec_key(clean_spec(ctx)) != base_clean, name
+        if name.startswith(("clean.", "attack.")) or name in relevant_clean | {"target"}:
+            assert spec_key(backdoor_spec(ctx, 170)) != base_backdoor, name
+    assert spec_key(backdoor_spec(toy_ctx, 186)) != base_backdoor
+
+
+def test_bank_key_changes_with_every_mesa_hyperparameter_and_member():
+    cfg = make_config("smoke")
+    members = [Member(0.8, 0.1, 0)]
+    base = spec_key(bank_spec("parent", members, cfg.mesa, [0]))
+    for name, mcfg in _variants(cfg.mesa):
+        assert spec_key(bank_spec("parent", members, mcfg, [0])) != base, name
+    assert spec_key(bank_spec("other", members, cfg.mesa, [0])) != base
+    assert spec_key(bank_spec("parent", [Member(0.9, 0.1, 0)], cfg.mesa, [0])) != base
+    assert spec_key(bank_spec("parent", members, cfg.mesa, [1])) != base
+
+
+def test_defense_key_changes_with_every_retraining_hyperparameter(toy_ctx, monkeypatch):
+    seen = []
+
+    def record_key(self, kind, spec, build):
+        seen.append(spec_key(spec))
+    monkeypatch.setattr(Store, "get_or_build", record_key)
+    retrain(toy_ctx, 170, None, {"kind": "x"})
+    for name, defense in _variants(toy_ctx.cfg.defense):
+        retrain(dataclasses.replace(toy_ctx, cfg=dataclasses.replace(toy_ctx.cfg, defense=defense)),
+                170, None, {"kind": "x"})
+    retrain(toy_ctx, 170, None, {"kind": "y"})
+    retrain(toy_ctx, 170, None, {"kind": "x"}, seed=5)
+    assert len(set(seen)) == len(seen)
+
+
+def test_get_or_build_builds_once_and_writes_atomically(tmp_path):
+    store = Store(tmp_path)
+    calls = []
+    spec = {"stage": "demo", "a": 1}
+
+    def build():
+        calls.append(1)
+        return {"value": torch.arange(3)}
+    first = store.get_or_build("demo", spec, build)
+    second = store.get_or_build("demo", spec, build)
+    assert calls == [1] and torch.equal(first["value"], second["value"])
+    assert [p.name for p in (tmp_path / "demo").iterdir()] == [f"{spec_key(spec)}.pt"]
+    assert store.load("demo", {"stage": "demo", "a": 2}) is None
+
+
+def test_failed_build_leaves_nothing_behind(tmp_path):
+    store = Store(tmp_path)
+
+    def build():
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        store.get_or_build("demo", {"x": 1}, build)
+    assert not (tmp_path / "demo").exists() or not list((tmp_path / "demo").iterdir())
+
+
+def test_corrupt_artefact_is_a_clear_error(tmp_path):
+    store = Store(tmp_path)
+    spec = {"stage": "demo"}
+    store.save("demo", spec, {"v": 1})
+    store.path("demo", spec).write_bytes(b"truncated")
+    with pytest.raises(StaleCacheError, match="Delete the file"):
+        store.load("demo", spec)
+
+
+def test_artefact_from_another_spec_is_refused(tmp_path):
+    store = Store(tmp_path)
+    store.save("demo", {"stage": "a"}, {"v": 1})
+    store.path("demo", {"stage": "a"}).rename(store.path("demo", {"stage": "b"}))
+    with pytest.raises(StaleCacheError, match="different spec"):
+        store.load("demo", {"stage": "b"})
