@@ -79,7 +79,7 @@ class Config:
     triggers: tuple = (170,)        # black-white trigger ids attacked (see triggers.BW_TRIGGER_IDS)
     seed: int = 0
     device: str = "auto"            # "auto", "cpu", "cuda", "cuda:1", ...
-    amp: str = "auto"               # bf16 autocast: "auto" (where the hardware has bf16), "on", "off"
+    amp: str = "auto"               # bf16 autocast: "auto" (where hardware has bf16), "on", "off"
     eval_batch_size: int = 500
     clean: TrainConfig = TrainConfig(epochs=30, batch_size=256, lr=0.2, nesterov=True,
                                      weight_decay=5e-4, schedule="onecycle",
@@ -116,9 +116,10 @@ def _smoke() -> Config:
 
 
 def _quick() -> Config:
-    # Calibrated on a 2-core CPU (README, "Profiles"): a ResNet-18 of width 16 and budgets that
-    # keep the attack's and the defence's *number of triggered images seen* near the paper's
-    # (~5,000 for the attack, ~800 for the defence), since that, not epochs, sets their effect.
+    # Calibrated on a 2-core CPU (README, "Profiles"): a ResNet-18 of width 16; the attack keeps
+    # the paper's number of poisoned images seen (~5,000) in one epoch, since exposure, not
+    # epochs, plants a backdoor. Retraining pastes 3,200 triggers (paper: ~800): at 800 even
+    # the ideal defence left 9.2% ASR on this stronger, shorter-trained backdoor; at 3,200, 4.4%.
     return Config(
         profile="quick", width=16, triggers=(170, 186, 15), viz_triggers=(170, 186),
         clean=TrainConfig(epochs=8, batch_size=256, lr=0.2, nesterov=True, weight_decay=5e-4,
@@ -128,7 +129,7 @@ def _quick() -> Config:
         detection=MesaConfig(steps=200, batch_size=32, lr=5e-4, hidden=256, eval_samples=500,
                              betas=(0.8,)),
         hp_samples=1000,
-        defense=TrainConfig(epochs=4, lr=1e-3, poison_rate=0.025),
+        defense=TrainConfig(epochs=4, lr=1e-3, poison_rate=0.1),
         baseline=BaselineConfig(starts=3),
         neural_cleanse=NeuralCleanseConfig(steps=300),
     )
@@ -173,19 +174,17 @@ def make_config(profile: str | None = None, **overrides) -> Config:
 
 
 def _replace(obj, name, value, prefix=""):
-    fields = {f.name: f for f in dataclasses.fields(obj)}
+    """`obj` with field `name` set to `value`, which must have the field's type (lists are
+    taken for tuples, ints for floats)."""
+    fields = [f.name for f in dataclasses.fields(obj)]
     if name not in fields:
         raise ValueError(f"unknown config field '{prefix}{name}'; known: {', '.join(fields)}")
     current = getattr(obj, name)
-    if isinstance(current, tuple) and isinstance(value, (list, tuple)):
+    if isinstance(current, tuple) and isinstance(value, list):
         value = tuple(value)
-    elif isinstance(current, bool) or dataclasses.is_dataclass(current):
-        if type(value) is not type(current):
-            raise ValueError(f"config field {prefix}{name} must be {type(current).__name__}, "
-                             f"got {value!r}")
-    elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    elif isinstance(current, float) and type(value) is int:
         value = float(value)
-    elif not isinstance(value, type(current)) or isinstance(value, bool) != isinstance(current, bool):
+    if type(value) is not type(current):
         raise ValueError(f"config field {prefix}{name} must be {type(current).__name__}, "
                          f"got {value!r}")
     return dataclasses.replace(obj, **{name: value})

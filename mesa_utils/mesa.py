@@ -56,7 +56,8 @@ def mine_step(stats: StatisticsBank, optimizer, z, x, z_marginal, log_ema, rate)
     if log_ema is None:
         log_ema = log_mean_exp.detach()
     else:
-        log_ema = torch.logaddexp(log_ema + math.log1p(-rate), log_mean_exp.detach() + math.log(rate))
+        log_ema = torch.logaddexp(log_ema + math.log1p(-rate),
+                                  log_mean_exp.detach() + math.log(rate))
     # d/dtheta of E[e^T] / ema replaces the biased d/dtheta log E[e^T] (MINE, section 3.2).
     loss = -(t_joint.mean(1) - torch.exp(log_mean_exp - log_ema)).sum()
     optimizer.zero_grad(set_to_none=True)
@@ -133,7 +134,8 @@ def train_bank(ctx: Context, classifier, members, mcfg: MesaConfig, images, labe
         for name, value in (("hinge", hinge), ("mi", mi), ("softmax", softmax.mean(1)),
                             ("asr", asr)):
             log[name].append(value.detach().cpu())
-        bar.set_postfix(softmax=f"{float(softmax.detach().mean()):.2f}", mi=f"{float(mi.detach().mean()):.2f}")
+        bar.set_postfix(softmax=f"{float(log['softmax'][-1].mean()):.2f}",
+                        mi=f"{float(log['mi'][-1].mean()):.2f}")
     generators.eval()
     return generators, stats, {name: torch.stack(v) for name, v in log.items()}
 
@@ -304,4 +306,22 @@ def tsne_2d(samples: torch.Tensor, seed: int = 0) -> np.ndarray:
     from sklearn.manifold import TSNE
     flat = samples.flatten(1).cpu().numpy()
     perplexity = min(30.0, max(2.0, (len(flat) - 1) / 3))
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(flat)
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
+    return tsne.fit_transform(flat)
+
+
+def detection_summary(detection, target: int):
+    """Per trigger: the true target's ASR, the best other class's, their margin, the flagged
+    classes and whether exactly the true target was flagged. detection: rows of
+    detect_target as a DataFrame."""
+    import pandas as pd
+    rows = []
+    for trigger, part in detection.groupby("trigger"):
+        flagged = sorted(int(c) for c in part[part.flagged]["class"])
+        rows.append({"trigger": trigger,
+                     "true_target_asr": part[part["class"] == target].asr.max(),
+                     "best_other_asr": part[part["class"] != target].asr.max(),
+                     "flagged_classes": flagged, "correct": flagged == [target]})
+    table = pd.DataFrame(rows)
+    table["margin"] = table.true_target_asr - table.best_other_asr
+    return table

@@ -41,8 +41,9 @@ class ResNet18(nn.Module):
                                   nn.BatchNorm2d(width), nn.ReLU())
         blocks, cin = [], width
         for mult, stride in ((1, 1), (2, 2), (4, 2), (8, 2)):
-            blocks += [BasicBlock(cin, width * mult, stride), BasicBlock(width * mult, width * mult, 1)]
-            cin = width * mult
+            cout = width * mult
+            blocks += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+            cin = cout
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Linear(cin, num_classes)
 

@@ -129,3 +129,15 @@ def test_coverage_detects_nesting():
     torch.manual_seed(0)
     wide, narrow = torch.rand(800, 2), 0.25 + 0.5 * torch.rand(400, 2)
     assert coverage(narrow, wide) > 0.9 > 0.6 > coverage(wide, narrow)
+
+
+def test_detection_summary_reports_margin_and_correctness():
+    import pandas as pd
+    from mesa_utils.mesa import detection_summary
+    rows = [{"trigger": t, "class": c, "asr": asr, "flagged": asr > 0.5}
+            for t, asrs in ((170, [0.95, 0.05, 0.02]), (15, [0.9, 0.7, 0.1]))
+            for c, asr in enumerate(asrs)]
+    table = detection_summary(pd.DataFrame(rows), target=0).set_index("trigger")
+    assert table.loc[170, "correct"] and not table.loc[15, "correct"]
+    assert table.loc[15, "flagged_classes"] == [0, 1]
+    assert abs(table.loc[170, "margin"] - 0.90) < 1e-9

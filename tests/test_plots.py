@@ -38,7 +38,8 @@ def test_all_figures_are_written(figure_root):
                                             triggers[0], "t"), "fig1b", figure_root)
     runs = pd.DataFrame([{"trigger": t, "method": m, "beta": b, "start": s, "asr_after": a}
                          for t in (1, 2)
-                         for m, b, s, a in [("mesa", 0.9, None, 0.03), ("baseline", None, 0, 0.1),
+                         for m, b, s, a in [("mesa", 0.9, None, 0.03),
+                                            ("baseline", None, 0, 0.1),
                                             ("baseline", None, 1, 0.3 * t), ("ideal", None, None, 0.02),
                                             ("mesa_mixture", None, None, 0.04)]])
     _written(plots.defense_figure(runs, {1: triggers[0], 2: triggers[1]}), "fig4", figure_root)
