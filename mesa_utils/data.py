@@ -6,13 +6,13 @@ folder (`cifar-10-batches-py` / `cifar-100-python`) under data/, an image-folder
 argument or $MESA_CIFAR10_ARCHIVE / $MESA_CIFAR100_ARCHIVE), and torchvision's download.
 Decoding the 60K JPEGs takes ~20 s once; later loads take well under a second.
 """
+import functools
 import hashlib
 import io
 import json
 import os
 import pickle
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .store import REPO_ROOT
+from .store import REPO_ROOT, atomic_write
 
 DATA_DIR = REPO_ROOT / "data"
 TORCHVISION_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
@@ -201,18 +201,15 @@ def _torchvision_download(name, root):
 
 
 def _save_cache(cache, train_x, train_y, test_x, test_y, classes):
-    cache.mkdir(parents=True, exist_ok=True)
     for stem, array in [("train_images", train_x), ("train_labels", train_y),
                         ("test_images", test_x), ("test_labels", test_y)]:
-        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".npy.tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, cache / f"{stem}.npy")
+        atomic_write(cache / f"{stem}.npy", functools.partial(np.save, arr=array))
     # classes.json last: its presence marks a complete cache.
-    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(classes, f)
-    os.replace(tmp, cache / "classes.json")
+    atomic_write(cache / "classes.json", functools.partial(_write_json, classes))
+
+
+def _write_json(obj, f):
+    f.write(json.dumps(obj).encode())
 
 
 def _load_cache(name, cache):

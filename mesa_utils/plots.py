@@ -3,8 +3,7 @@
 Every function returns a Figure; `save` writes it (PNG, atomically) under figures/<profile>/.
 Triggers are tensors (N, 3, h, w) in [0, 1], drawn as small images ("thumbnails").
 """
-import os
-import tempfile
+import functools
 from pathlib import Path
 
 import matplotlib
@@ -15,7 +14,7 @@ import seaborn as sns
 import torch
 from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
-from .store import REPO_ROOT
+from .store import REPO_ROOT, atomic_write
 
 METHOD_STYLE = {   # method -> (label, colour, marker)
     "mesa": ("MESA", "tab:blue", "o"),
@@ -33,23 +32,15 @@ def figure_dir(profile: str) -> Path:
 
 
 def save(fig, profile: str, name: str) -> Path:
-    """Write `fig` to figures/<profile>/<name>.png (temp file + rename) and return the path."""
-    path = figure_dir(profile) / f"{name}.png"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    os.replace(tmp, path)
-    return path
+    """Write `fig` to figures/<profile>/<name>.png (atomically) and return the path."""
+    return atomic_write(figure_dir(profile) / f"{name}.png",
+                        functools.partial(fig.savefig, dpi=120, bbox_inches="tight", format="png"))
 
 
 def save_table(df: pd.DataFrame, profile: str, name: str) -> Path:
-    """Write a tidy table to figures/<profile>/<name>.csv (temp file + rename)."""
-    path = figure_dir(profile) / f"{name}.csv"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".csv.tmp")
-    os.close(fd)
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+    """Write a tidy table to figures/<profile>/<name>.csv (atomically) and return the path."""
+    return atomic_write(figure_dir(profile) / f"{name}.csv",
+                        functools.partial(df.to_csv, index=False))
 
 
 def _image(trigger) -> np.ndarray:

@@ -6,6 +6,7 @@ names the file; the spec is stored inside the file and compared on load, so an a
 reused only on an exact match. Writes go to a temporary file renamed into place, so an
 interrupted run never leaves a half-written artefact and resumes from the last complete one.
 """
+import functools
 import hashlib
 import json
 import os
@@ -34,18 +35,21 @@ def _canonical(spec: dict) -> dict:
                                  default=str))
 
 
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename over `path`."""
+def atomic_write(path, write) -> Path:
+    """Call write(binary file) on a temporary file beside `path`, then rename it into place:
+    readers never see a half-written file, and an interrupted write leaves none."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
 
 
 class Store:
@@ -74,9 +78,8 @@ class Store:
         return record["payload"]
 
     def save(self, kind: str, spec: dict, payload) -> Path:
-        path = self.path(kind, spec)
-        atomic_save({"spec": _canonical(spec), "payload": payload}, path)
-        return path
+        record = {"spec": _canonical(spec), "payload": payload}
+        return atomic_write(self.path(kind, spec), functools.partial(torch.save, record))
 
     def get_or_build(self, kind: str, spec: dict, build):
         payload = self.load(kind, spec)
