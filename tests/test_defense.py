@@ -1,6 +1,7 @@
 """Defence pieces: retraining keeps labels, the baseline and Neural Cleanse reverse a known
 backdoor, the MAD anomaly index flags a planted outlier, the summary table."""
 import pandas as pd
+import pytest
 import torch
 
 from mesa_utils.config import BaselineConfig, NeuralCleanseConfig, TrainConfig
@@ -12,8 +13,9 @@ from mesa_utils.triggers import TriggerPaster
 from tests.conftest import BrightPatchModel, make_splits
 
 
-def test_retraining_keeps_true_labels_and_the_data_untouched(toy_ctx, monkeypatch):
-    toy_ctx.splits = make_splits(n=32, label=2)
+@pytest.fixture
+def seen_labels(monkeypatch):
+    """Every label batch that reaches the training loss."""
     seen = []
     original_loss = torch.nn.functional.cross_entropy
 
@@ -21,29 +23,27 @@ def test_retraining_keeps_true_labels_and_the_data_untouched(toy_ctx, monkeypatc
         seen.append(labels.clone())
         return original_loss(logits, labels, **kwargs)
     monkeypatch.setattr(torch.nn.functional, "cross_entropy", spy)
+    return seen
+
+
+def test_retraining_keeps_true_labels_and_the_data_untouched(toy_ctx, seen_labels):
+    toy_ctx.splits = make_splits(n=32, label=2)
     images_before = toy_ctx.splits.defense_images.clone()
     history = fit(toy_ctx, ResNet18(3, 4), toy_ctx.splits.defense_images,
                   toy_ctx.splits.defense_labels, TrainConfig(epochs=2, batch_size=8,
                                                              poison_rate=0.5),
                   source=TriggerPaster(torch.ones(3, 3, 3)), target=None)
     assert sum(h["poisoned"] for h in history) > 0          # triggers were pasted ...
-    assert all((labels == 2).all() for labels in seen)      # ... and no label changed
+    assert seen_labels and all((labels == 2).all() for labels in seen_labels)  # no relabel
     assert torch.equal(toy_ctx.splits.defense_images, images_before)
 
 
-def test_attack_fit_relabels_poisoned_images(toy_ctx, monkeypatch):
+def test_attack_fit_relabels_poisoned_images(toy_ctx, seen_labels):
     toy_ctx.splits = make_splits(n=32, label=2)
-    seen = []
-    original_loss = torch.nn.functional.cross_entropy
-
-    def spy(logits, labels, **kwargs):
-        seen.append(labels.clone())
-        return original_loss(logits, labels, **kwargs)
-    monkeypatch.setattr(torch.nn.functional, "cross_entropy", spy)
     fit(toy_ctx, ResNet18(3, 4), toy_ctx.splits.train_images, toy_ctx.splits.train_labels,
         TrainConfig(epochs=1, batch_size=8, poison_rate=1.0),
         source=TriggerPaster(torch.ones(3, 3, 3)), target=0)
-    assert all((labels == 0).all() for labels in seen)
+    assert seen_labels and all((labels == 0).all() for labels in seen_labels)
 
 
 def test_baseline_reverses_a_valid_trigger(toy_ctx):
