@@ -8,7 +8,7 @@ from mesa_utils.config import MesaConfig
 from mesa_utils.mesa import (GeneratorSampler, Member, coverage, dv_bound, entropy_weights,
                              evaluate_bank, mine_step, spread, train_bank)
 from mesa_utils.models import GeneratorBank, StatisticsBank
-from tests.conftest import BrightPatchModel, make_splits
+from tests.conftest import BrightPatchModel
 
 # BrightPatchModel's valid set for beta = 0.8: mean trigger brightness above this (0.78).
 VALID_BRIGHTNESS = BrightPatchModel().valid_brightness(0.8)
