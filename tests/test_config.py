@@ -53,3 +53,13 @@ def test_overrides_top_level_and_dotted():
 def test_bad_overrides_are_clear_errors(overrides, match):
     with pytest.raises(ValueError, match=match):
         make_config("smoke", **overrides)
+
+
+def test_cuda_without_cuda_is_a_clear_error():
+    import torch
+    from mesa_utils.train import get_device
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        get_device("cuda")
+    assert get_device("auto").type == "cpu"

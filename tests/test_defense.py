@@ -96,3 +96,23 @@ def test_summary_lists_every_method_beside_the_paper():
     assert baseline["worst_asr_%"] == 40 and baseline["runs"] == 4
     assert table.set_index("method").loc["mesa beta=0.9", "paper"] == "mean 3.4%, worst 5.9%"
     assert abs(baseline["clean_change_pts"] + 1) < 1e-6
+
+
+def test_asr_without_non_target_images_is_a_clear_error(toy_ctx):
+    from mesa_utils.train import attack_success_rate
+    labels = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="no image outside the target class 0"):
+        attack_success_rate(toy_ctx, BrightPatchModel(), toy_ctx.splits.eval_images[:4], labels,
+                            TriggerPaster(torch.ones(3, 3, 3)), target=0)
+
+
+def test_asr_counts_only_images_outside_the_target_class(toy_ctx):
+    from mesa_utils.train import attack_success_rate
+    # The three target-class images are white, so the toy model predicts the target on them
+    # whatever is pasted; the three others are black and a grey trigger does not fire.
+    images = torch.cat([torch.full((3, 32, 32, 3), 255, dtype=torch.uint8),
+                        torch.zeros(3, 32, 32, 3, dtype=torch.uint8)])
+    labels = torch.tensor([0, 0, 0, 2, 2, 1])
+    grey, white = (TriggerPaster(torch.full((3, 3, 3), v)) for v in (0.5, 1.0))
+    assert attack_success_rate(toy_ctx, BrightPatchModel(), images, labels, grey, 0) == 0.0
+    assert attack_success_rate(toy_ctx, BrightPatchModel(), images, labels, white, 0) == 1.0

@@ -53,3 +53,11 @@ def test_statistics_bank_shape_and_members_independent():
     out = stats(z, x)
     assert out.shape == (2, 5)
     assert torch.allclose(out[1], single(z[1:], x[1:])[0], atol=1e-6)
+
+
+def test_bad_bank_arguments_are_clear_errors():
+    import pytest
+    with pytest.raises(ValueError, match="divisible by 4"):
+        GeneratorBank(2, noise_dim=30)
+    with pytest.raises(ValueError, match="3 seeds for a bank of 2"):
+        GeneratorBank(2, seeds=[1, 2, 3])
