@@ -16,6 +16,8 @@ from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
 from .store import REPO_ROOT, atomic_write
 
+matplotlib.rcParams["figure.max_open_warning"] = 0   # notebooks draw many figures
+
 METHOD_STYLE = {   # method -> (label, colour, marker)
     "mesa": ("MESA", "tab:blue", "o"),
     "mesa_mixture": ("MESA mixture", "tab:purple", "D"),
@@ -122,9 +124,15 @@ def thin(points: np.ndarray, min_distance: float) -> np.ndarray:
     return np.array(kept, dtype=int)
 
 
-def thumbnail_scatter(ax, points, triggers, min_distance, zoom=2.5):
-    """Each (thinned) point drawn as its 3x3 trigger."""
-    for i in thin(points, min_distance):
+def thumbnail_scatter(ax, points, triggers, bounds, min_fraction, zoom=2.5):
+    """Each point drawn as its 3x3 trigger, skipping points closer than min_fraction of the
+    bounds' diagonal to one already drawn. bounds: (n, 2) points that fix the axis limits
+    (padded by 8%), e.g. all panels' points so that panels share axes."""
+    low, high = bounds.min(0), bounds.max(0)
+    pad = 0.08 * (high - low)
+    ax.set_xlim(low[0] - pad[0], high[0] + pad[0])
+    ax.set_ylim(low[1] - pad[1], high[1] + pad[1])
+    for i in thin(points, min_fraction * float(np.linalg.norm(high - low))):
         ax.add_artist(AnnotationBbox(OffsetImage(_image(triggers[i]), zoom=zoom,
                                                  interpolation="nearest"),
                                      points[i], frameon=False, pad=0))
@@ -134,14 +142,9 @@ def embedding_panels(panels, min_fraction=0.04):
     """Fig. 3: one panel per setting, all on the same axes. panels: dicts with title,
     points (n, 2) and triggers (n, 3, h, w)."""
     all_points = np.concatenate([p["points"] for p in panels])
-    low, high = all_points.min(0), all_points.max(0)
-    pad = 0.08 * (high - low)
     fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.4), squeeze=False)
     for ax, panel in zip(axes[0], panels):
-        ax.set_xlim(low[0] - pad[0], high[0] + pad[0])
-        ax.set_ylim(low[1] - pad[1], high[1] + pad[1])
-        thumbnail_scatter(ax, panel["points"], panel["triggers"],
-                          min_fraction * float(np.linalg.norm(high - low)))
+        thumbnail_scatter(ax, panel["points"], panel["triggers"], all_points, min_fraction)
         ax.set_title(panel["title"], fontsize=9)
         ax.set_xlabel("PC 1")
     axes[0, 0].set_ylabel("PC 2")
@@ -196,20 +199,12 @@ def tsne_figure(panels, min_fraction=0.03):
             ax.set_title(name, fontsize=8)
             ax.axis("off")
         ax = fig.add_subplot(grid[:, 2 * j + 1])
-        points = panel["points"]
-        low, high = points.min(0), points.max(0)
-        pad = 0.08 * (high - low)
-        ax.set_xlim(low[0] - pad[0], high[0] + pad[0])
-        ax.set_ylim(low[1] - pad[1], high[1] + pad[1])
-        thumbnail_scatter(ax, points, panel["triggers"],
-                          min_fraction * float(np.linalg.norm(high - low)))
+        thumbnail_scatter(ax, panel["points"], panel["triggers"], panel["points"], min_fraction)
         ax.set_title(panel["title"], fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     return fig
 
-
-matplotlib.rcParams["figure.max_open_warning"] = 0
 
 
 def original_vs_distribution(points, triggers, original_point, original, title):
@@ -220,12 +215,7 @@ def original_vs_distribution(points, triggers, original_point, original, title):
     ax_original.imshow(_image(original), interpolation="nearest", vmin=0, vmax=1)
     ax_original.set_title("original", fontsize=9)
     ax_original.axis("off")
-    everything = np.concatenate([points, original_point[None]])
-    low, high = everything.min(0), everything.max(0)
-    pad = 0.08 * (high - low)
-    ax.set_xlim(low[0] - pad[0], high[0] + pad[0])
-    ax.set_ylim(low[1] - pad[1], high[1] + pad[1])
-    thumbnail_scatter(ax, points, triggers, 0.04 * float(np.linalg.norm(high - low)))
+    thumbnail_scatter(ax, points, triggers, np.concatenate([points, original_point[None]]), 0.04)
     ax.plot(*original_point, marker="*", ms=16, color="tab:red", mec="k", ls="none",
             label="original trigger")
     ax.legend(fontsize=8, loc="lower right")

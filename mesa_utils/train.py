@@ -7,6 +7,7 @@ native bf16 (CUDA, or CPUs with AVX512-BF16/AMX): on a CPU without it bf16 was 2
 than fp32 for ResNet-18 (measured on the 2-core Xeon of the README), so "auto" leaves it off.
 """
 import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,7 +248,6 @@ def state_dict_cpu(model) -> dict:
 
 def describe(ctx: Context) -> str:
     """What a run uses: profile, device, autocast, data sizes, then the whole config."""
-    import json
     s = ctx.splits
     head = (f"profile {ctx.cfg.profile} | device {ctx.device} | autocast {ctx.amp or 'off'} | "
             f"{s.name}: train {len(s.train_images)}, defense split {len(s.defense_images)}, "
