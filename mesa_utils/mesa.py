@@ -2,7 +2,7 @@
 
 A bank of K generators G_i, each with its own (beta_i, alpha_i, target class c_i), is trained
 in one loop: every step draws K x B noise vectors, pastes the K x B triggers onto K x B images
-of the defender's split and runs ONE forward of the frozen classifier. Generator loss per
+of the defender's split and runs ONE pass of the frozen classifier over them. Generator loss per
 member (paper, eq. 4):
 
     L_i = mean_z max(0, beta_i - F_i(G_i(z) + noise)) - alpha_i * I_T(G_i(z); z')
@@ -82,6 +82,9 @@ def _draw(streams, b, noise_dim, n_images, high, trigger_shape, device):
     return [torch.stack(column) for column in zip(*draws)]
 
 
+CPU_CLASSIFIER_CHUNK = 128  # images per classifier forward on a CPU (see train_bank)
+
+
 def train_bank(ctx: Context, classifier, members, mcfg: MesaConfig, images, labels, seeds,
                trigger_shape=(3, 3, 3), desc="MESA"):
     """Train one generator (and one T) per member on uint8 `images` (N, H, W, C).
@@ -103,6 +106,9 @@ def train_bank(ctx: Context, classifier, members, mcfg: MesaConfig, images, labe
     height, width = images.shape[1:3]
     high = torch.tensor([height - trigger_shape[1] + 1, width - trigger_shape[2] + 1],
                         device=device)
+    # One K x B forward suits a GPU; a CPU is fastest per image near 128 images (cache), so
+    # there the batch goes through in pieces: same result, graph and gradients.
+    chunk = k * b if device.type == "cuda" else CPU_CLASSIFIER_CHUNK
     log = {name: [] for name in ("hinge", "mi", "softmax", "asr")}
     log_ema = None
     generators.train()
@@ -113,13 +119,15 @@ def train_bank(ctx: Context, classifier, members, mcfg: MesaConfig, images, labe
         x = generators(z)                                                   # (K, B, C, h, w)
         log_ema, _ = mine_step(stats, opt_t, z, x.detach(), z_marginal, log_ema,
                                mcfg.mine_ema_rate)
+        stats.requires_grad_(False)  # the G step differentiates through T, not T itself
         mi = dv_bound(stats(z, x), stats(z_marginal, x))                    # (K,)
-        # F term: noisy triggers (authors' std 0.1, unclamped) on K x B images, one forward.
+        stats.requires_grad_(True)
+        # F term: noisy triggers (authors' std 0.1, unclamped) on K x B images, one (chunked) pass.
         batch = normalize(images[index.flatten()], ctx.splits.mean, ctx.splits.std)
         pasted = apply_trigger(batch, (x + mcfg.trigger_noise * jitter).flatten(0, 1),
                                corner.flatten(0, 1), mean=ctx.splits.mean, std=ctx.splits.std)
         with autocast(device, ctx.amp):
-            logits = classifier(pasted)
+            logits = torch.cat([classifier(part) for part in pasted.split(chunk)])
         probs = logits.float().softmax(1).view(k, b, -1)
         softmax = probs.gather(2, targets.view(k, 1, 1).expand(k, b, 1)).squeeze(2)  # (K, B)
         hinge = F.relu(betas - softmax).mean(1)

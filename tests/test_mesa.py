@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from mesa_utils import mesa
 from mesa_utils.config import MesaConfig
 from mesa_utils.mesa import (GeneratorSampler, Member, coverage, dv_bound, entropy_weights,
                              evaluate_bank, mine_step, spread, train_bank)
@@ -48,7 +49,9 @@ def _train(ctx, members, seeds, steps=25, model=None, hidden=32, batch_size=32):
                       ctx.splits.defense_labels, seeds)
 
 
-def test_bank_trains_exactly_like_separate_generators(toy_ctx):
+@pytest.mark.parametrize("chunk", [4096, 16])  # the bank's classifier pass whole, in pieces
+def test_bank_trains_exactly_like_separate_generators(toy_ctx, monkeypatch, chunk):
+    monkeypatch.setattr(mesa, "CPU_CLASSIFIER_CHUNK", chunk)
     members = [Member(0.8, 0.1, 0), Member(0.5, 0.0, 0), Member(0.9, 1.0, 0)]
     seeds = [3, 4, 5]
     bank, _, bank_log = _train(toy_ctx, members, seeds)
