@@ -4,6 +4,7 @@
 #
 #   ./run_all.sh                          all notebooks, quick profile
 #   ./run_all.sh --profile smoke|quick|paper [papermill options, e.g. -p seed 1 -y 'triggers: [170]']
+#   ./run_all.sh --only 03,04             only these notebooks (numbers), in order
 #   ./run_all.sh --test                   unit tests + every notebook under nbval (smoke profile)
 #
 # Executed notebooks are kept in data/runs/<profile>/; figures and CSV tables go to
@@ -14,6 +15,7 @@ ROOT=$(pwd)
 VENV=${MESA_VENV:-$ROOT/.venv}
 PROFILE=quick
 MODE=run
+ONLY=
 PASSTHROUGH=()
 while (($#)); do
     case "$1" in
@@ -21,7 +23,9 @@ while (($#)); do
                    PROFILE=$2; shift 2 ;;
         --profile=*) PROFILE=${1#--profile=}; shift ;;
         --test) MODE=test; shift ;;
-        -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+        --only) [[ $# -ge 2 ]] || { echo "error: --only needs notebook numbers, e.g. --only 03,04" >&2; exit 2; }
+                ONLY=$2; shift 2 ;;
+        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
         *) PASSTHROUGH+=("$1"); shift ;;
     esac
 done
@@ -60,6 +64,17 @@ mkdir -p "$OUTDIR"
 shopt -s nullglob
 NOTEBOOKS=(notebooks/[0-9][0-9]_*.ipynb)
 (( ${#NOTEBOOKS[@]} )) || { echo "error: no notebooks found in notebooks/" >&2; exit 1; }
+if [[ -n $ONLY ]]; then
+    CHOSEN=()
+    for number in ${ONLY//,/ }; do
+        [[ $number =~ ^[0-9]{2}$ && -n $(compgen -G "notebooks/${number}_*.ipynb") ]] || {
+            echo "error: --only $ONLY: no notebook numbered '$number'; choose from: $(basename -a "${NOTEBOOKS[@]}" | cut -c1-2 | tr '\n' ' ')" >&2; exit 2; }
+    done
+    for nb in "${NOTEBOOKS[@]}"; do
+        if [[ ,$ONLY, == *,$(basename "$nb" | cut -c1-2),* ]]; then CHOSEN+=("$nb"); fi
+    done
+    NOTEBOOKS=("${CHOSEN[@]}")
+fi
 START=$(date +%s)
 for nb in "${NOTEBOOKS[@]}"; do
     name=$(basename "$nb")
