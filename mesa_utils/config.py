@@ -92,6 +92,7 @@ class Config:
     hp_alphas: tuple = (0.0, 0.1, 10.0)  # swept at beta = hp_beta
     hp_beta: float = 0.8
     hp_samples: int = 2000          # sampled triggers per setting for the PCA figure
+    hp_seeds: int = 3               # every Fig. 3 setting trained from this many seeds
     defense: TrainConfig = TrainConfig(epochs=10, lr=1e-3, poison_rate=0.01)
     baseline: BaselineConfig = BaselineConfig()
     neural_cleanse: NeuralCleanseConfig = NeuralCleanseConfig()
@@ -212,6 +213,8 @@ def validate(cfg: Config) -> None:
         for beta in getattr(cfg, name).betas:
             if not 0.0 < beta < 1.0:
                 raise ValueError(f"{name}.betas must lie in (0, 1), got {beta}")
+    if cfg.hp_seeds < 1:
+        raise ValueError(f"hp_seeds must be 1 or more, got {cfg.hp_seeds}")
     test_size = cfg.test_subset or 10000
     if not 0 < cfg.eval_size < test_size:
         raise ValueError(f"eval_size {cfg.eval_size} must be below the test set size {test_size}")

@@ -228,14 +228,16 @@ def evaluate_bank(ctx: Context, classifier, generators, stats, members, n, image
 
 
 def mesa_bank(ctx: Context, classifier, parent_key, members, mcfg: MesaConfig, seed=0,
-              desc="MESA"):
+              desc="MESA", seeds=None):
     """(generators, record) for `members` against `classifier`, trained once and cached.
 
     Generators model the defender's 8K split; record holds the per-step log, the evaluation
-    rows of `evaluate_bank` (on the same split) and the bank's store key.
+    rows of `evaluate_bank` (on the same split, sampled with `seed`) and the bank's store key.
+    seeds: one per member (initialisation and training randomness); default: distinct seeds
+    seed * 1000 + i.
     """
     members = list(members)
-    seeds = [seed * 1000 + i for i in range(len(members))]
+    seeds = [seed * 1000 + i for i in range(len(members))] if seeds is None else list(seeds)
     spec = bank_spec(parent_key, members, mcfg, seeds)
     splits = ctx.splits
 
@@ -283,11 +285,46 @@ def hyperparameter_members(cfg) -> list:
     return list(dict.fromkeys(members))
 
 
+def hyperparameter_study(ctx: Context, classifier):
+    """Fig. 3's bank against `classifier` (the hp_trigger's backdoored model): every setting
+    of `hyperparameter_members` trained from each of cfg.hp_seeds seeds.
+
+    Returns (generators, record, members, seeds), listed seed by seed. Within one seed all
+    settings share the initialisation, noise, images and trigger positions, so they differ
+    only in alpha and beta; across seeds, one setting shows what the seed alone changes.
+    """
+    cfg = ctx.cfg
+    settings = hyperparameter_members(cfg)
+    members = settings * cfg.hp_seeds
+    seeds = [cfg.seed * 1000 + s for s in range(cfg.hp_seeds) for _ in settings]
+    generators, record = mesa_bank(ctx, classifier, spec_key(backdoor_spec(ctx, cfg.hp_trigger)),
+                                   members, cfg.mesa, cfg.seed, desc="hyper-parameters",
+                                   seeds=seeds)
+    return generators, record, members, seeds
+
+
 def spread(samples: torch.Tensor) -> float:
     """Total variance (trace of the covariance) of flattened samples (n, ...): how widely a
     generator's triggers spread; near 0 when it collapses onto a few points."""
     flat = samples.flatten(1).double()
     return float(flat.var(0).sum())
+
+
+def thin(points: np.ndarray, min_distance: float) -> np.ndarray:
+    """Indices of points (n, d) kept so that no two kept points lie closer than min_distance
+    (greedy, first come first kept)."""
+    kept = []
+    for i, p in enumerate(points):
+        if not kept or np.min(np.linalg.norm(points[kept] - p, axis=1)) >= min_distance:
+            kept.append(i)
+    return np.array(kept, dtype=int)
+
+
+def distinct_triggers(samples: torch.Tensor, radius: float = 0.5) -> int:
+    """How many clearly different triggers the samples (n, ...) in [0, 1] hold: a greedy
+    subset whose members lie at least `radius` apart (L2 over all pixel values; 0.5 is one
+    value differing by half its range). Small when a generator collapses onto few points."""
+    return len(thin(samples.flatten(1).double().cpu().numpy(), radius))
 
 
 def coverage(inner: torch.Tensor, outer: torch.Tensor, quantile: float = 0.95) -> float:
@@ -301,12 +338,13 @@ def coverage(inner: torch.Tensor, outer: torch.Tensor, quantile: float = 0.95) -
     return float((torch.cdist(a, b).min(1).values <= radius).double().mean())
 
 
-def pca_2d(groups) -> list:
-    """Centred PCA fitted on all groups together (shared axes): list of (n_i, 2) arrays."""
+def pca_2d(groups):
+    """Centred PCA fitted on all groups (n_i, ...) together (shared axes): the list of (n_i, 2)
+    arrays and the share of the total variance the two components keep (0-1)."""
     from sklearn.decomposition import PCA
     flat = [g.flatten(1).cpu().numpy() for g in groups]
     pca = PCA(n_components=2).fit(np.concatenate(flat))
-    return [pca.transform(f) for f in flat]
+    return [pca.transform(f) for f in flat], float(pca.explained_variance_ratio_.sum())
 
 
 def tsne_2d(samples: torch.Tensor, seed: int = 0) -> np.ndarray:

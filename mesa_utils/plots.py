@@ -14,6 +14,7 @@ import seaborn as sns
 import torch
 from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
+from .mesa import thin
 from .store import REPO_ROOT, atomic_write
 
 matplotlib.rcParams["figure.max_open_warning"] = 0   # notebooks draw many figures
@@ -110,24 +111,15 @@ def mesa_log_figure(log: dict, labels):
             ax.plot(values[:, i], label=str(label), lw=1)
         ax.set_title(name)
         ax.set_xlabel("generator step")
-    axes[-1].legend(fontsize=7)
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))  # beside: K can be 15
     return fig
-
-
-def thin(points: np.ndarray, min_distance: float) -> np.ndarray:
-    """Indices of points kept so that no two kept points lie closer than min_distance
-    (greedy, first come first kept); the plot omits near-duplicates, as the paper's does."""
-    kept = []
-    for i, p in enumerate(points):
-        if not kept or np.min(np.linalg.norm(points[kept] - p, axis=1)) >= min_distance:
-            kept.append(i)
-    return np.array(kept, dtype=int)
 
 
 def thumbnail_scatter(ax, points, triggers, bounds, min_fraction, zoom=2.5):
     """Each point drawn as its 3x3 trigger, skipping points closer than min_fraction of the
     bounds' diagonal to one already drawn. bounds: (n, 2) points that fix the axis limits
-    (padded by 8%), e.g. all panels' points so that panels share axes."""
+    (padded by 8%), e.g. all panels' points so that panels share axes. Omitting
+    near-duplicates is what the paper's plots do."""
     low, high = bounds.min(0), bounds.max(0)
     pad = 0.08 * (high - low)
     ax.set_xlim(low[0] - pad[0], high[0] + pad[0])

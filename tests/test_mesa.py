@@ -1,13 +1,16 @@
 """MESA on problems whose answer is known."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from mesa_utils import mesa
 from mesa_utils.config import MesaConfig
-from mesa_utils.mesa import (GeneratorSampler, Member, coverage, dv_bound, entropy_weights,
-                             evaluate_bank, mine_step, spread, train_bank)
+from mesa_utils.mesa import (GeneratorSampler, Member, coverage, distinct_triggers, dv_bound,
+                             entropy_weights, evaluate_bank, hyperparameter_members,
+                             hyperparameter_study, mine_step, pca_2d, spread, thin,
+                             train_bank)
 from mesa_utils.models import GeneratorBank, StatisticsBank
 from tests.conftest import BrightPatchModel
 
@@ -132,6 +135,46 @@ def test_coverage_detects_nesting():
     torch.manual_seed(0)
     wide, narrow = torch.rand(800, 2), 0.25 + 0.5 * torch.rand(400, 2)
     assert coverage(narrow, wide) > 0.9 > 0.6 > coverage(wide, narrow)
+
+
+def test_thin_drops_near_duplicates():
+    points = np.array([[0, 0], [0.001, 0], [1, 1], [1, 1.001], [2, 0]])
+    assert thin(points, 0.1).tolist() == [0, 2, 4]
+
+
+def test_distinct_triggers_counts_clusters_not_samples():
+    torch.manual_seed(0)
+    centres = torch.rand(3, 3, 3, 3)
+    clustered = centres[torch.randint(3, (500,))] + 0.01 * torch.randn(500, 3, 3, 3)
+    assert distinct_triggers(clustered) == 3
+    assert distinct_triggers(torch.rand(500, 3, 3, 3)) > 400
+
+
+def test_hyperparameter_study_trains_every_setting_from_each_seed(toy_ctx):
+    cfg = toy_ctx.cfg
+    generators, record, members, seeds = hyperparameter_study(toy_ctx, BrightPatchModel())
+    settings = hyperparameter_members(cfg)
+    n = len(settings)
+    assert members == settings * cfg.hp_seeds and generators.k == len(record["evaluation"])
+    # Within a seed: the same initial generator on the same noise and images, so the first
+    # step (before any update) sees exactly the same mean softmax; another seed sees another.
+    first = record["log"]["softmax"][0]
+    for s in range(cfg.hp_seeds):
+        assert len(set(seeds[s * n:(s + 1) * n])) == 1
+        assert len(set(first[s * n:(s + 1) * n].tolist())) == 1
+    assert len(set(first[::n].tolist())) == cfg.hp_seeds
+
+
+def test_pca_2d_shares_axes_and_reports_the_kept_variance():
+    torch.manual_seed(0)
+    flat = torch.zeros(300, 6)
+    flat[:, :2] = torch.randn(300, 2)                 # all variance in a plane ...
+    shifted = flat + torch.tensor([3.0, 0, 0, 0, 0, 0])
+    (a, b), explained = pca_2d([flat, shifted])
+    assert explained > 0.999                          # ... which the two components keep
+    assert np.allclose(np.linalg.norm(b - a, axis=1), 3.0, atol=1e-4)   # one shared frame
+    _, explained = pca_2d([torch.randn(2000, 10)])
+    assert explained < 0.3                            # isotropic: 2 of 10 dimensions
 
 
 def test_detection_summary_reports_margin_and_correctness():

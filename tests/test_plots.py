@@ -45,8 +45,3 @@ def test_all_figures_are_written(figure_root):
     _written(plots.defense_figure(runs, {1: triggers[0], 2: triggers[1]}), "fig4", figure_root)
     path = plots.save_table(runs, "test", "runs")
     assert pd.read_csv(path).shape == runs.shape
-
-
-def test_thin_drops_near_duplicates():
-    points = np.array([[0, 0], [0.001, 0], [1, 1], [1, 1.001], [2, 0]])
-    assert plots.thin(points, 0.1).tolist() == [0, 2, 4]
