@@ -111,7 +111,8 @@ def mesa_log_figure(log: dict, labels):
             ax.plot(values[:, i], label=str(label), lw=1)
         ax.set_title(name)
         ax.set_xlabel("generator step")
-    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))  # beside: K can be 15
+    # Beside the plot: a bank can hold 15 members.
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return fig
 
 
