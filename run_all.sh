@@ -25,7 +25,7 @@ while (($#)); do
         --test) MODE=test; shift ;;
         --only) [[ $# -ge 2 ]] || { echo "error: --only needs notebook numbers, e.g. --only 03,04" >&2; exit 2; }
                 ONLY=$2; shift 2 ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
         *) PASSTHROUGH+=("$1"); shift ;;
     esac
 done
