@@ -49,6 +49,7 @@ def test_overrides_top_level_and_dotted():
     ({"attack.poison_rate": 1.5}, "poison_rate"),
     ({"mesa.betas": [0.5, 1.2]}, "betas"),
     ({"amp": "maybe"}, "amp"),
+    ({"hp_seeds": 0}, "hp_seeds must be 1 or more"),
 ])
 def test_bad_overrides_are_clear_errors(overrides, match):
     with pytest.raises(ValueError, match=match):
