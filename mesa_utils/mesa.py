@@ -12,6 +12,7 @@ MINE statistics network T_i (trained in alternation, with MINE's moving-average 
 Every member draws its noise, images and positions from its own seeded stream, so a bank
 reproduces K generators trained one by one (tests/test_mesa.py).
 """
+import itertools
 import math
 from dataclasses import asdict, dataclass
 
@@ -301,6 +302,70 @@ def hyperparameter_study(ctx: Context, classifier):
                                    members, cfg.mesa, cfg.seed, desc="hyper-parameters",
                                    seeds=seeds)
     return generators, record, members, seeds
+
+
+def study_index(members, seeds) -> dict:
+    """{(alpha, beta, seed): position} of a hyperparameter_study bank's members."""
+    return {(m.alpha, m.beta, s): i for i, (m, s) in enumerate(zip(members, seeds))}
+
+
+def nesting_pairs(cfg, members, seeds) -> list:
+    """(comparison, inner, outer) member positions to compare: per seed, each beta of
+    mesa.betas inside the next lower one ("staircase"); and the reference setting
+    (hp_beta, mesa.alpha) of a later seed inside an earlier one's ("same setting, other
+    seed": identical valid sets, the yardstick)."""
+    index, alpha = study_index(members, seeds), cfg.mesa.alpha
+    seed_list, betas = sorted(set(seeds)), sorted(cfg.mesa.betas)
+    pairs = [("staircase", index[(alpha, high, s)], index[(alpha, low, s)])
+             for s in seed_list for low, high in zip(betas, betas[1:])]
+    pairs += [("same setting, other seed", index[(alpha, cfg.hp_beta, t)],
+               index[(alpha, cfg.hp_beta, s)]) for s, t in itertools.combinations(seed_list, 2)]
+    return pairs
+
+
+def nesting_table(pairs, samples, planes, labels):
+    """DataFrame of `coverage` both ways for each (comparison, inner, outer) of `pairs`: in
+    the samples' own space (list of (n, ...) tensors) and, columns *_2d, in the 2-D `planes`
+    (list of (n, 2) arrays, e.g. pca_2d's: what the eye judges in Fig. 3)."""
+    import pandas as pd
+    planes = [torch.as_tensor(p) for p in planes]
+    return pd.DataFrame([{"comparison": kind, "inner": labels[i], "outer": labels[j],
+                          "inner_in_outer": coverage(samples[i], samples[j]),
+                          "outer_in_inner": coverage(samples[j], samples[i]),
+                          "inner_in_outer_2d": coverage(planes[i], planes[j]),
+                          "outer_in_inner_2d": coverage(planes[j], planes[i])}
+                         for kind, i, j in pairs])
+
+
+def hyperparameter_claims(cfg, settings, nesting):
+    """The paper's Fig. 3 claims checked on one run: DataFrame (claim, holds, cases), holds
+    counting the seeds (or pairs) where the claim is true. settings: rows with seed, alpha,
+    beta, asr and distinct (distinct_triggers); nesting: a nesting_table."""
+    import pandas as pd
+    by_seed = settings.set_index(["seed", "alpha", "beta"])
+
+    def column(name, alpha):   # per seed, at beta = hp_beta
+        return by_seed[name].xs((alpha, cfg.hp_beta), level=["alpha", "beta"]).to_numpy()
+
+    low, ref, high = min(cfg.hp_alphas), cfg.mesa.alpha, max(cfg.hp_alphas)
+    staircase = nesting[nesting.comparison == "staircase"]
+    other_seed = nesting[nesting.comparison != "staircase"]
+    checks = {
+        f"alpha {low:g} narrower than alpha {ref:g} (fewer distinct triggers)":
+            column("distinct", low) < column("distinct", ref),
+        f"alpha {low:g} collapses (under a quarter of alpha {ref:g}'s distinct triggers)":
+            column("distinct", low) < 0.25 * column("distinct", ref),
+        f"alpha {high:g} loses ASR (over 10 points below alpha {ref:g})":
+            column("asr", high) < column("asr", ref) - 0.1,
+        "higher-beta set leans inside the lower one (inner_in_outer > outer_in_inner)":
+            (staircase.inner_in_outer > staircase.outer_in_inner).to_numpy(),
+        "higher-beta set lies mostly inside the lower one (inner_in_outer > 0.5)":
+            (staircase.inner_in_outer > 0.5).to_numpy(),
+        "one setting from two seeds: either covers half the other (coverage > 0.5)":
+            (other_seed[["inner_in_outer", "outer_in_inner"]].max(axis=1) > 0.5).to_numpy(),
+    }
+    return pd.DataFrame([{"claim": claim, "holds": int(holds.sum()), "cases": len(holds)}
+                         for claim, holds in checks.items()])
 
 
 def spread(samples: torch.Tensor) -> float:

@@ -2,15 +2,16 @@
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from mesa_utils import mesa
-from mesa_utils.config import MesaConfig
+from mesa_utils.config import MesaConfig, make_config
 from mesa_utils.mesa import (GeneratorSampler, Member, coverage, distinct_triggers, dv_bound,
-                             entropy_weights, evaluate_bank, hyperparameter_members,
-                             hyperparameter_study, mine_step, pca_2d, spread, thin,
-                             train_bank)
+                             entropy_weights, evaluate_bank, hyperparameter_claims,
+                             hyperparameter_members, hyperparameter_study, mine_step,
+                             nesting_pairs, nesting_table, pca_2d, spread, thin, train_bank)
 from mesa_utils.models import GeneratorBank, StatisticsBank
 from tests.conftest import BrightPatchModel
 
@@ -165,6 +166,41 @@ def test_hyperparameter_study_trains_every_setting_from_each_seed(toy_ctx):
     assert len(set(first[::n].tolist())) == cfg.hp_seeds
 
 
+def _study_layout(cfg):
+    settings = hyperparameter_members(cfg)
+    return settings * 3, [s for s in range(3) for _ in settings]
+
+
+@pytest.mark.parametrize("seeds_agree", [True, False])
+def test_nesting_table_and_claims_on_sets_that_nest(seeds_agree):
+    cfg = make_config("smoke")
+    members, seeds = _study_layout(cfg)
+    torch.manual_seed(0)
+    # Every member samples a square whose side shrinks as beta grows (nested), centred at the
+    # origin, or, when seeds disagree, at a different place for every seed.
+    samples = [(0.05 + 1.0 - m.beta) * (torch.rand(400, 2) - 0.5) + (0 if seeds_agree else 5 * s)
+               for m, s in zip(members, seeds)]
+    pairs = nesting_pairs(cfg, members, seeds)
+    assert [kind for kind, _, _ in pairs].count("staircase") == 3 * (len(cfg.mesa.betas) - 1)
+    for kind, inner, outer in pairs:
+        assert members[inner].beta >= members[outer].beta
+        assert (seeds[inner] == seeds[outer]) == (kind == "staircase")
+    nesting = nesting_table(pairs, samples, [x.numpy() for x in samples], list(map(str, seeds)))
+    staircase = nesting[nesting.comparison == "staircase"]
+    assert (staircase.inner_in_outer > 0.9).all() and (staircase.outer_in_inner < 0.7).all()
+    assert np.allclose(nesting.inner_in_outer, nesting.inner_in_outer_2d)   # already 2-D
+    # alpha 0 with 5 distinct triggers and alpha 0.1 with 40 in every seed; alpha 10 empty.
+    settings = pd.DataFrame([{"seed": s, "alpha": m.alpha, "beta": m.beta,
+                              "distinct": {0.0: 5, 10.0: 300}.get(m.alpha, 40),
+                              "asr": 0.3 if m.alpha == 10 else 0.95}
+                             for m, s in zip(members, seeds)])
+    claims = hyperparameter_claims(cfg, settings, nesting).set_index("claim")
+    seed_claim = claims.index.str.startswith("one setting from two seeds")
+    assert claims.cases.tolist() == [3, 3, 3, 6, 6, 3]   # seeds, seeds x beta pairs, seed pairs
+    assert (claims[~seed_claim].holds == claims[~seed_claim].cases).all()
+    assert claims[seed_claim].holds.item() == (3 if seeds_agree else 0)
+
+
 def test_pca_2d_shares_axes_and_reports_the_kept_variance():
     torch.manual_seed(0)
     flat = torch.zeros(300, 6)
@@ -178,7 +214,6 @@ def test_pca_2d_shares_axes_and_reports_the_kept_variance():
 
 
 def test_detection_summary_reports_margin_and_correctness():
-    import pandas as pd
     from mesa_utils.mesa import detection_summary
     rows = [{"trigger": t, "class": c, "asr": asr, "flagged": asr > 0.5}
             for t, asrs in ((170, [0.95, 0.05, 0.02]), (15, [0.9, 0.7, 0.1]))
