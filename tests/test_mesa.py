@@ -62,12 +62,13 @@ def test_bank_trains_exactly_like_separate_generators(toy_ctx, monkeypatch, chun
     z = bank.noise(64, torch.Generator().manual_seed(0))
     for i, (member, seed) in enumerate(zip(members, seeds)):
         single, _, single_log = _train(toy_ctx, [member], [seed])
-        # Equal up to float summation order (batched vs single matmuls, through Adam) ...
-        assert (bank(z)[i] - single(z[i:i + 1])[0]).abs().max() < 2e-3, i
+        # Equal up to float summation order (batched vs single matmuls, through Adam; the
+        # order depends on the CPU's BLAS: 6e-4 on an Intel Xeon, 2.4e-3 on an AMD EPYC) ...
+        assert (bank(z)[i] - single(z[i:i + 1])[0]).abs().max() < 1e-2, i
         assert torch.allclose(bank_log["hinge"][:, i], single_log["hinge"][:, 0], atol=2e-3)
-    # ... which is far below what another seed changes.
+    # ... which is far below what another seed changes (0.42 on the AMD EPYC).
     other, _, _ = _train(toy_ctx, [members[0]], [99])
-    assert (bank(z)[0] - other(z[:1])[0]).abs().max() > 0.05
+    assert (bank(z)[0] - other(z[:1])[0]).abs().max() > 0.2
 
 
 def test_generator_learns_the_known_valid_set_and_alpha_spreads_it(toy_ctx):
