@@ -16,8 +16,8 @@ from .data import normalize
 from .mesa import GeneratorSampler, Member, mesa_bank
 from .models import frozen
 from .store import spec_key
-from .train import (Context, attack_success_rate, autocast, backdoor_spec, backdoored_model,
-                    clean_accuracy, fit, original_source, state_dict_cpu)
+from .train import (Context, FiniteGuard, attack_success_rate, autocast, backdoor_spec,
+                    backdoored_model, clean_accuracy, fit, original_source, state_dict_cpu)
 from .triggers import TriggerPaster, apply_trigger
 
 
@@ -36,7 +36,9 @@ def reverse_triggers(ctx: Context, classifier, target, bcfg, images, seed=0) -> 
     pixels = torch.rand(s, 3, 3, 3, device=device, generator=generator).requires_grad_(True)
     optimizer = torch.optim.SGD([pixels], lr=bcfg.lr, momentum=bcfg.momentum)
     labels = torch.full((s * b,), target, device=device)
-    for _ in tqdm(range(bcfg.steps), desc="baseline reversal", leave=False):
+    guard = FiniteGuard("baseline reversal", bcfg.steps,
+                        f"Lower baseline.lr (now {bcfg.lr:g}).", device)
+    for step in tqdm(range(bcfg.steps), desc="baseline reversal", leave=False):
         index = torch.randint(len(images), (s * b,), device=device, generator=generator)
         x = normalize(images[index], ctx.splits.mean, ctx.splits.std)
         x = apply_trigger(x, pixels.repeat_interleave(b, 0), generator=generator,
@@ -48,8 +50,10 @@ def reverse_triggers(ctx: Context, classifier, target, bcfg, images, seed=0) -> 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        guard.watch(step, loss)
         with torch.no_grad():
             pixels.clamp_(0, 1)
+    guard.finish([("reversed triggers", pixels.detach())])
     return pixels.detach()
 
 
@@ -102,6 +106,8 @@ def neural_cleanse(ctx: Context, classifier, ncfg, images, seed=0) -> dict:
     labels = torch.arange(num_classes, device=device).repeat_interleave(b)
     mean, std = ctx.splits.mean.view(1, -1, 1, 1), ctx.splits.std.view(1, -1, 1, 1)
     hits = torch.zeros(num_classes, device=device)
+    guard = FiniteGuard("Neural Cleanse", ncfg.steps,
+                        f"Lower neural_cleanse.lr (now {ncfg.lr:g}).", device)
     for step in tqdm(range(ncfg.steps), desc="Neural Cleanse", leave=False):
         index = torch.randint(len(images), (num_classes * b,), device=device, generator=generator)
         x = normalize(images[index], ctx.splits.mean, ctx.splits.std)
@@ -116,6 +122,7 @@ def neural_cleanse(ctx: Context, classifier, ncfg, images, seed=0) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        guard.watch(step, loss)
         with torch.no_grad():
             hits += (logits.argmax(1) == labels).view(num_classes, b).float().mean(1)
             if (step + 1) % ncfg.check_every == 0:
@@ -132,6 +139,7 @@ def neural_cleanse(ctx: Context, classifier, ncfg, images, seed=0) -> dict:
                 cost = torch.where(down >= ncfg.patience, cost / ncfg.cost_multiplier ** 1.5, cost)
                 up[up >= ncfg.patience] = 0
                 down[down >= ncfg.patience] = 0
+    guard.finish([("mask", mask_param.detach()), ("pattern", pattern_param.detach())])
     with torch.no_grad():   # classes that never reached the threshold keep their last mask
         never = torch.isinf(best_l1)
         final = torch.tanh(mask_param) / 2 + 0.5
@@ -160,7 +168,7 @@ def retrain(ctx: Context, trigger_id, source, source_spec: dict, seed=0, desc="d
     def build():
         model, _ = backdoored_model(ctx, trigger_id)
         history = fit(ctx, model, ctx.splits.defense_images, ctx.splits.defense_labels,
-                      cfg.defense, source=source, target=None, seed=seed, desc=desc)
+                      cfg.defense, "defense", source=source, target=None, seed=seed, desc=desc)
         record = {"history": history,
                   "clean_accuracy": clean_accuracy(ctx, model, ctx.splits.eval_images,
                                                    ctx.splits.eval_labels),

@@ -26,7 +26,9 @@ from .data import normalize
 from .models import GeneratorBank, StatisticsBank, frozen
 from .store import spec_key
 from .triggers import apply_trigger
-from .train import Context, attack_stats, autocast, backdoor_spec, backdoored_model
+from .store import NonFiniteError
+from .train import (CHECK_EVERY, Context, FiniteGuard, attack_stats, autocast, backdoor_spec,
+                    backdoored_model)
 
 
 @dataclass(frozen=True)
@@ -86,13 +88,19 @@ def _draw(streams, b, noise_dim, n_images, high, trigger_shape, device):
 CPU_CLASSIFIER_CHUNK = 128  # images per classifier forward on a CPU (see train_bank)
 
 
+def _divergence_advice(setting, mcfg, members) -> str:
+    return (f"Lower {setting}.lr (now {mcfg.lr:g}) or the entropy weight alpha (largest in "
+            f"this bank: {max(m.alpha for m in members):g}).")
+
+
 def train_bank(ctx: Context, classifier, members, mcfg: MesaConfig, images, labels, seeds,
-               trigger_shape=(3, 3, 3), desc="MESA"):
+               trigger_shape=(3, 3, 3), desc="MESA", setting="mesa"):
     """Train one generator (and one T) per member on uint8 `images` (N, H, W, C).
 
     The classifier is frozen in place. Returns (generators, statistics, log) with log a dict
     of (steps, K) tensors: hinge, mi, softmax (mean target softmax), asr (share of samples
-    classified as the target among images of other classes).
+    classified as the target among images of other classes). `setting` names mcfg's config
+    section ("mesa", "detection") in the NonFiniteError raised when training diverges.
     """
     device, k, b = ctx.device, len(members), mcfg.batch_size
     classifier = frozen(classifier)
@@ -110,16 +118,17 @@ def train_bank(ctx: Context, classifier, members, mcfg: MesaConfig, images, labe
     # One K x B forward suits a GPU; a CPU is fastest per image near 128 images (cache), so
     # there the batch goes through in pieces: same result, graph and gradients.
     chunk = k * b if device.type == "cuda" else CPU_CLASSIFIER_CHUNK
-    log = {name: [] for name in ("hinge", "mi", "softmax", "asr")}
+    log = {name: [] for name in ("hinge", "mi", "softmax", "asr")}   # (K,) per step, on device
     log_ema = None
+    guard = FiniteGuard(desc, mcfg.steps, _divergence_advice(setting, mcfg, members), device)
     generators.train()
     bar = tqdm(range(mcfg.steps), desc=desc, leave=False)
-    for _ in bar:
+    for step in bar:
         z, z_marginal, index, corner, jitter = _draw(
             streams, b, mcfg.noise_dim, len(images), high, trigger_shape, device)
         x = generators(z)                                                   # (K, B, C, h, w)
-        log_ema, _ = mine_step(stats, opt_t, z, x.detach(), z_marginal, log_ema,
-                               mcfg.mine_ema_rate)
+        log_ema, t_bound = mine_step(stats, opt_t, z, x.detach(), z_marginal, log_ema,
+                                     mcfg.mine_ema_rate)
         stats.requires_grad_(False)  # the G step differentiates through T, not T itself
         mi = dv_bound(stats(z, x), stats(z_marginal, x))                    # (K,)
         stats.requires_grad_(True)
@@ -140,13 +149,16 @@ def train_bank(ctx: Context, classifier, members, mcfg: MesaConfig, images, labe
             other = labels[index] != targets[:, None]
             hit = (probs.argmax(2) == targets[:, None]) & other
             asr = hit.sum(1) / other.sum(1).clamp(min=1)
+        guard.watch(step, loss, t_bound, log_ema)
         for name, value in (("hinge", hinge), ("mi", mi), ("softmax", softmax.mean(1)),
                             ("asr", asr)):
-            log[name].append(value.detach().cpu())
-        bar.set_postfix(softmax=f"{float(log['softmax'][-1].mean()):.2f}",
-                        mi=f"{float(log['mi'][-1].mean()):.2f}")
+            log[name].append(value.detach())
+        if (step + 1) % CHECK_EVERY == 0:
+            bar.set_postfix(softmax=f"{float(log['softmax'][-1].mean()):.2f}",
+                            mi=f"{float(log['mi'][-1].mean()):.2f}")
+    guard.finish([*generators.state_dict().items(), *stats.state_dict().items()])
     generators.eval()
-    return generators, stats, {name: torch.stack(v) for name, v in log.items()}
+    return generators, stats, {name: torch.stack(v).cpu() for name, v in log.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,11 +218,19 @@ def bank_spec(parent_key, members, mcfg, seeds, trigger_shape=(3, 3, 3)) -> dict
             "mesa": to_dict(mcfg), "seeds": list(seeds), "trigger_shape": list(trigger_shape)}
 
 
+# The DV bound of a trained T is >= 0 up to sampling noise (the constant T = 0 scores exactly
+# 0), and healthy runs here score 0.008-3.3 nats; an estimate below -1 nat means MINE's
+# statistics network diverged (e.g. -1e11 nats at mesa.lr = 1000): it is no entropy estimate.
+MI_FLOOR_NATS = -1.0
+
+
 @torch.no_grad()
 def evaluate_bank(ctx: Context, classifier, generators, stats, members, n, images, labels,
-                  seed=0) -> list:
+                  seed=0, advice="") -> list:
     """Per member: asr and mean target softmax of n sampled triggers (one per image), the MI
-    (entropy) estimate, and `empty` (mean softmax below beta: the paper's empty sub-model)."""
+    (entropy) estimate, and `empty` (mean softmax below beta: the paper's empty sub-model).
+    An MI estimate that is not finite or below MI_FLOOR_NATS raises NonFiniteError (with
+    `advice` appended)."""
     rows = []
     for i, member in enumerate(members):
         keep = (labels != member.target).nonzero().squeeze(1)
@@ -222,20 +242,24 @@ def evaluate_bank(ctx: Context, classifier, generators, stats, members, n, image
         z, z_marginal = (generators.noise(n, torch.Generator(ctx.device).manual_seed(seed + j),
                                           ctx.device) for j in (1, 2))
         samples = generators(z)
-        mi = dv_bound(stats(z, samples), stats(z_marginal, samples))[i]
-        rows.append({**asdict(member), "member": i, **result, "mi": float(mi),
+        mi = float(dv_bound(stats(z, samples), stats(z_marginal, samples))[i])
+        if not mi >= MI_FLOOR_NATS:     # written so that NaN fails too
+            raise NonFiniteError(f"MINE's estimate of I(G(z); z) for sub-model {i} ({member}) "
+                                 f"is {mi:.3g} nats, below the floor {MI_FLOOR_NATS:g}: its "
+                                 f"statistics network diverged and nothing was stored. {advice}")
+        rows.append({**asdict(member), "member": i, **result, "mi": mi,
                      "empty": result["target_softmax"] < member.beta})
     return rows
 
 
 def mesa_bank(ctx: Context, classifier, parent_key, members, mcfg: MesaConfig, seed=0,
-              desc="MESA", seeds=None):
+              desc="MESA", seeds=None, setting="mesa"):
     """(generators, record) for `members` against `classifier`, trained once and cached.
 
     Generators model the defender's 8K split; record holds the per-step log, the evaluation
     rows of `evaluate_bank` (on the same split, sampled with `seed`) and the bank's store key.
     seeds: one per member (initialisation and training randomness); default: distinct seeds
-    seed * 1000 + i.
+    seed * 1000 + i. setting: mcfg's config section, named when training diverges.
     """
     members = list(members)
     seeds = [seed * 1000 + i for i in range(len(members))] if seeds is None else list(seeds)
@@ -245,9 +269,10 @@ def mesa_bank(ctx: Context, classifier, parent_key, members, mcfg: MesaConfig, s
     def build():
         generators, stats, log = train_bank(ctx, classifier, members, mcfg,
                                             splits.defense_images, splits.defense_labels,
-                                            seeds, desc=desc)
+                                            seeds, desc=desc, setting=setting)
         rows = evaluate_bank(ctx, classifier, generators, stats, members, mcfg.eval_samples,
-                             splits.defense_images, splits.defense_labels, seed)
+                             splits.defense_images, splits.defense_labels, seed,
+                             _divergence_advice(setting, mcfg, members))
         return {"generators": {k: v.cpu() for k, v in generators.state_dict().items()},
                 "log": log, "evaluation": rows}
 
@@ -271,7 +296,7 @@ def detect_target(ctx: Context, trigger_id: int) -> list:
     det = cfg.detection
     members = [Member(det.betas[0], det.alpha, c) for c in range(ctx.splits.num_classes)]
     _, record = mesa_bank(ctx, model, spec_key(backdoor_spec(ctx, trigger_id)), members, det,
-                          cfg.seed, desc=f"detection {trigger_id}")
+                          cfg.seed, desc=f"detection {trigger_id}", setting="detection")
     return [{"trigger": trigger_id, "class": row["target"], "asr": row["asr"],
              "target_softmax": row["target_softmax"], "mi": row["mi"],
              "flagged": row["asr"] > cfg.detection_threshold,

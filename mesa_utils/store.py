@@ -3,14 +3,22 @@
 A spec is a plain dict holding everything that produced the artefact (the relevant config
 sections, the trigger, the seed, the key of the parent model, STORE_VERSION). Its SHA-256
 names the file; the spec is stored inside the file and compared on load, so an artefact is
-reused only on an exact match. Writes go to a temporary file renamed into place, so an
-interrupted run never leaves a half-written artefact and resumes from the last complete one.
+reused only on an exact match. Files hold tensors and plain data only and are read with
+`weights_only=True`, so a foreign file dropped into the store cannot run code. Writes go to a
+temporary file that is flushed to disk and renamed into place, so an interrupted run never
+leaves a half-written artefact and resumes from the last complete one; the temporary files of
+killed writers are removed by the next write into the same folder. Nothing non-finite (NaN,
+inf) is ever saved or loaded.
 """
 import functools
 import hashlib
 import json
+import math
 import os
+import re
+import socket
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,6 +32,26 @@ class StaleCacheError(RuntimeError):
     """A cached file does not hold what its key promises (corrupt, or from other code)."""
 
 
+class NonFiniteError(FloatingPointError):
+    """A loss, parameter, output or result became NaN or infinite; the message says where."""
+
+
+def non_finite_fields(payload, prefix="") -> list:
+    """Dotted names of the float tensors and floats in a nested dict/list payload that hold
+    NaN or inf (empty when all are finite)."""
+    if isinstance(payload, dict):
+        return [name for key, value in payload.items()
+                for name in non_finite_fields(value, f"{prefix}{key}.")]
+    if isinstance(payload, (list, tuple)):
+        return [name for i, value in enumerate(payload)
+                for name in non_finite_fields(value, f"{prefix}{i}.")]
+    if isinstance(payload, torch.Tensor) and payload.is_floating_point():
+        return [] if bool(torch.isfinite(payload).all()) else [prefix.rstrip(".")]
+    if isinstance(payload, float) and not math.isfinite(payload):
+        return [prefix.rstrip(".")]
+    return []
+
+
 def spec_key(spec: dict) -> str:
     """Hex SHA-256 (first 16 chars) of the canonical JSON of `spec`."""
     text = json.dumps({"store_version": STORE_VERSION, **spec}, sort_keys=True, default=str)
@@ -35,20 +63,57 @@ def _canonical(spec: dict) -> dict:
                                  default=str))
 
 
+# Temporary files are named <target>.~<pid>@<host>~<random>.tmp, so that a later writer can
+# tell the leftovers of a killed process on this host from another live writer's file.
+_TEMP_NAME = re.compile(r"\.~(\d+)@(.+)~[^~]*\.tmp$")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # alive, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder) -> list:
+    """Delete the temporary files in `folder` left by killed writers of this host (their
+    process is gone); returns the paths removed. Files of live writers are kept."""
+    removed, host = [], socket.gethostname()
+    for tmp in Path(folder).glob("*.tmp"):
+        match = _TEMP_NAME.search(tmp.name)
+        if match and match.group(2) == host and not _process_alive(int(match.group(1))):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def atomic_write(path, write) -> Path:
-    """Call write(binary file) on a temporary file beside `path`, then rename it into place:
-    readers never see a half-written file, and an interrupted write leaves none."""
+    """Call write(binary file) on a temporary file beside `path`, flush it to disk, then
+    rename it into place (and flush the folder): readers never see a half-written file, an
+    interrupted write leaves none behind once the next write into the folder has run."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    remove_stale_temporaries(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp",
+                               prefix=f"{path.name}.~{os.getpid()}@{socket.gethostname()}~")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)        # the rename itself survives a crash
+    finally:
+        os.close(folder)
     return path
 
 
@@ -68,22 +133,40 @@ class Store:
         if not path.exists():
             return None
         try:
-            record = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # truncated or foreign file
+            record = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated, or a foreign file holding more than tensors
             raise StaleCacheError(f"cannot read cached {kind} {path}: {err}. Delete the file "
                                   "to rebuild it.") from err
         if not isinstance(record, dict) or record.get("spec") != _canonical(spec):
             raise StaleCacheError(f"cached {kind} {path} was made from a different spec than "
                                   "its key says (stale or foreign file). Delete it to rebuild.")
+        bad = non_finite_fields(record["payload"])
+        if bad:     # written before these checks existed
+            raise StaleCacheError(f"cached {kind} {path} holds non-finite values in "
+                                  f"{', '.join(bad[:5])}: it comes from a diverged run. "
+                                  "Delete it to rebuild.")
         return record["payload"]
 
     def save(self, kind: str, spec: dict, payload) -> Path:
+        """Write `payload` (tensors and plain data) under `spec`'s key; NaN or inf anywhere
+        in it is a NonFiniteError and nothing is written."""
+        bad = non_finite_fields(payload)
+        if bad:
+            raise NonFiniteError(f"refusing to store {kind} with non-finite values in "
+                                 f"{', '.join(bad[:5])}")
         record = {"spec": _canonical(spec), "payload": payload}
         return atomic_write(self.path(kind, spec), functools.partial(torch.save, record))
 
     def get_or_build(self, kind: str, spec: dict, build):
+        """The stored payload of `spec`, else build() saved and returned. When saving fails
+        (read-only or full disk), the built payload is still returned, with a warning."""
         payload = self.load(kind, spec)
         if payload is None:
             payload = build()
-            self.save(kind, spec, payload)
+            try:
+                self.save(kind, spec, payload)
+            except OSError as err:
+                warnings.warn(f"{kind} was built but NOT cached ({err}): this run uses it, a "
+                              f"later run builds it again. Check that {self.root} is writable "
+                              "and has space (or set MESA_STORE).", stacklevel=2)
         return payload

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .config import Config, TrainConfig, to_dict
 from .data import Loader, Splits, normalize, prepare_splits
 from .models import ResNet18
-from .store import Store, spec_key
+from .store import NonFiniteError, Store, spec_key
 from .triggers import TriggerPaster, poison, trigger_from_id
 
 
@@ -83,6 +83,48 @@ def setup(cfg: Config, store: Store | None = None, cifar=None) -> Context:
 
 
 # ---------------------------------------------------------------------------------------------
+# Divergence: every training loop stops on the first non-finite loss or parameter
+
+CHECK_EVERY = 50    # steps between reads of the on-device flag (a host sync on a GPU)
+
+
+class FiniteGuard:
+    """Watches a training loop for NaN/inf without a host synchronisation per step.
+
+    `watch(step, *values)` keeps, on the device, the first step at which a value was not
+    finite; the flag is read every CHECK_EVERY steps and by `finish(named_tensors)`, which
+    also checks the final parameters. Both raise NonFiniteError naming the stage, the step
+    and `advice` (the setting to change), before anything is stored.
+    """
+
+    def __init__(self, stage: str, steps: int, advice: str, device):
+        self.stage, self.steps, self.advice = stage, steps, advice
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def watch(self, step: int, *values):
+        bad = torch.stack([~torch.isfinite(v.detach()).all() for v in values]).any()
+        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
+        if (step + 1) % CHECK_EVERY == 0:
+            self._raise_if_bad()
+
+    def _raise_if_bad(self):
+        step = int(self.first_bad)
+        if step >= 0:
+            raise NonFiniteError(f"{self.stage}: the loss became non-finite (NaN or inf) at "
+                                 f"step {step + 1} of {self.steps}; training diverged and "
+                                 f"nothing was stored. {self.advice}")
+
+    def finish(self, named_tensors=()):
+        self._raise_if_bad()
+        bad = [name for name, t in named_tensors
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise NonFiniteError(f"{self.stage}: after {self.steps} steps, {', '.join(bad[:3])} "
+                                 f"hold non-finite values; training diverged and nothing was "
+                                 f"stored. {self.advice}")
+
+
+# ---------------------------------------------------------------------------------------------
 # Training
 
 def _lr_factor(schedule, step, total):
@@ -90,16 +132,19 @@ def _lr_factor(schedule, step, total):
     if schedule == "constant":
         return 1.0
     warmup = max(1, int(0.2 * total))          # one-cycle: linear up 20%, linear down to 0
-    return step / warmup if step < warmup else max(0.0, (total - step) / (total - warmup))
+    # max(1, ...): a run of a single step has no decay phase (its scheduler still steps once)
+    return step / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
 
 
-def fit(ctx: Context, model, images, labels, cfg: TrainConfig, source=None, target=None,
-        seed=0, desc="train") -> list:
+def fit(ctx: Context, model, images, labels, cfg: TrainConfig, setting: str, source=None,
+        target=None, seed=0, desc="train") -> list:
     """SGD on uint8 images (N, H, W, C) / labels (N,) held on the device, in place.
 
     With `source` (a trigger source, see triggers.poison) each image of each batch is
     triggered with probability cfg.poison_rate and relabelled to `target` (attack) or keeps
-    its label (target=None: defence). Returns per-epoch dicts of loss, accuracy, poisoned.
+    its label (target=None: defence). `setting` is cfg's config section ("clean", "attack",
+    "defense"), named when training diverges (NonFiniteError). Returns per-epoch dicts of
+    loss, accuracy, poisoned; counters stay on the device until the end of each epoch.
     """
     loader = Loader(images, labels, ctx.splits.mean, ctx.splits.std, cfg.batch_size,
                     shuffle=True, augment=cfg.augment, drop_last=len(images) > cfg.batch_size,
@@ -110,15 +155,17 @@ def fit(ctx: Context, model, images, labels, cfg: TrainConfig, source=None, targ
     total = cfg.epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, functools.partial(_lr_factor, cfg.schedule, total=total))
-    history = []
+    guard = FiniteGuard(desc, total, f"Lower {setting}.lr (now {cfg.lr:g}).", ctx.device)
+    history, step = [], 0
     model.train()
     for epoch in range(cfg.epochs):
-        loss_sum = correct = seen = poisoned = 0
+        loss_sum, correct, poisoned = (torch.zeros((), device=ctx.device) for _ in range(3))
+        seen = 0
         bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False)
         for x, y in bar:
             if source is not None and cfg.poison_rate > 0:
                 x, y, mask = poison(x, y, source, cfg.poison_rate, target, poison_generator)
-                poisoned += int(mask.sum())
+                poisoned += mask.sum()
             with autocast(ctx.device, ctx.amp):
                 logits = model(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
@@ -126,13 +173,20 @@ def fit(ctx: Context, model, images, labels, cfg: TrainConfig, source=None, targ
             loss.backward()
             optimizer.step()
             scheduler.step()
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
+            guard.watch(step, loss)
+            loss_sum += loss.detach().float() * len(y)
+            correct += (logits.argmax(1) == y).sum()
             seen += len(y)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
-        history.append({"epoch": epoch + 1, "loss": loss_sum / seen,
-                        "train_accuracy": correct / seen, "poisoned": poisoned})
+            step += 1
+            if step % CHECK_EVERY == 0:
+                bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}")
+        history.append({"epoch": epoch + 1, "loss": float(loss_sum) / seen,
+                        "train_accuracy": float(correct) / seen, "poisoned": int(poisoned)})
     model.eval()
+    with torch.no_grad(), autocast(ctx.device, ctx.amp):
+        # Weights can stay finite yet so large that the outputs overflow: check both.
+        last_outputs = model(x).float()
+    guard.finish([*model.state_dict().items(), ("the outputs on the last batch", last_outputs)])
     return history
 
 
@@ -141,7 +195,11 @@ def fit(ctx: Context, model, images, labels, cfg: TrainConfig, source=None, targ
 
 @torch.no_grad()
 def probabilities(ctx: Context, model, images, source=None, seed=0) -> torch.Tensor:
-    """Softmax (N, classes) for uint8 images (N, H, W, C), each first triggered by `source`."""
+    """Softmax (N, classes) for uint8 images (N, H, W, C), each first triggered by `source`.
+
+    Raises NonFiniteError when any probability is NaN or inf: a broken model must not be
+    scored (argmax of a NaN row is class 0, which would read as a perfect attack on 0).
+    """
     model.eval()
     generator = torch.Generator(ctx.device).manual_seed(seed)
     out = [torch.empty(0, ctx.splits.num_classes, device=ctx.device)]
@@ -152,7 +210,13 @@ def probabilities(ctx: Context, model, images, source=None, seed=0) -> torch.Ten
             x = source(x, generator)
         with autocast(ctx.device, ctx.amp):
             out.append(model(x).float().softmax(1))
-    return torch.cat(out)
+    probs = torch.cat(out)
+    bad = int((~torch.isfinite(probs)).any(1).sum())
+    if bad:
+        raise NonFiniteError(f"the model's softmax is NaN or inf on {bad} of {len(probs)} "
+                             "images: it is broken (diverged training or a corrupt artefact) "
+                             "and cannot be scored")
+    return probs
 
 
 def clean_accuracy(ctx: Context, model, images, labels) -> float:
@@ -197,7 +261,7 @@ def clean_model(ctx: Context):
         torch.manual_seed(ctx.cfg.seed)
         model = ctx.new_classifier()
         history = fit(ctx, model, ctx.splits.train_images, ctx.splits.train_labels,
-                      ctx.cfg.clean, seed=ctx.cfg.seed, desc="clean")
+                      ctx.cfg.clean, "clean", seed=ctx.cfg.seed, desc="clean model")
         return {"state_dict": state_dict_cpu(model),
                 "history": history,
                 "clean_accuracy": clean_accuracy(ctx, model, ctx.splits.eval_images,
@@ -230,7 +294,7 @@ def backdoored_model(ctx: Context, trigger_id: int):
         model, _ = clean_model(ctx)
         source = original_source(ctx, trigger_id)
         history = fit(ctx, model, ctx.splits.train_images, ctx.splits.train_labels, cfg.attack,
-                      source=source, target=cfg.target, seed=cfg.seed + trigger_id,
+                      "attack", source=source, target=cfg.target, seed=cfg.seed + trigger_id,
                       desc=f"attack {trigger_id}")
         return {"state_dict": state_dict_cpu(model),
                 "history": history,

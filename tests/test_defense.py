@@ -32,7 +32,7 @@ def test_retraining_keeps_true_labels_and_the_data_untouched(toy_ctx, seen_label
     history = fit(toy_ctx, ResNet18(3, 4), toy_ctx.splits.defense_images,
                   toy_ctx.splits.defense_labels, TrainConfig(epochs=2, batch_size=8,
                                                              poison_rate=0.5),
-                  source=TriggerPaster(torch.ones(3, 3, 3)), target=None)
+                  "defense", source=TriggerPaster(torch.ones(3, 3, 3)), target=None)
     assert sum(h["poisoned"] for h in history) > 0          # triggers were pasted ...
     assert seen_labels and all((labels == 2).all() for labels in seen_labels)  # no relabel
     assert torch.equal(toy_ctx.splits.defense_images, images_before)
@@ -41,7 +41,7 @@ def test_retraining_keeps_true_labels_and_the_data_untouched(toy_ctx, seen_label
 def test_attack_fit_relabels_poisoned_images(toy_ctx, seen_labels):
     toy_ctx.splits = make_splits(n=32, label=2)
     fit(toy_ctx, ResNet18(3, 4), toy_ctx.splits.train_images, toy_ctx.splits.train_labels,
-        TrainConfig(epochs=1, batch_size=8, poison_rate=1.0),
+        TrainConfig(epochs=1, batch_size=8, poison_rate=1.0), "attack",
         source=TriggerPaster(torch.ones(3, 3, 3)), target=0)
     assert seen_labels and all((labels == 0).all() for labels in seen_labels)
 
