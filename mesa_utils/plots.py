@@ -1,11 +1,8 @@
 """The paper's figures (and a few diagnostics) as matplotlib/seaborn figures.
 
-Every function returns a Figure; `save` writes it (PNG, atomically) under figures/<profile>/.
+Every function returns a Figure; outputs.NotebookOutputs writes it (PNG) where it belongs.
 Triggers are tensors (N, 3, h, w) in [0, 1], drawn as small images ("thumbnails").
 """
-import functools
-from pathlib import Path
-
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
@@ -15,7 +12,6 @@ import torch
 from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
 from .mesa import thin
-from .store import REPO_ROOT, atomic_write
 
 matplotlib.rcParams["figure.max_open_warning"] = 0   # notebooks draw many figures
 
@@ -26,24 +22,6 @@ METHOD_STYLE = {   # method -> (label, colour, marker)
     "neural_cleanse": ("Neural Cleanse", "tab:orange", "^"),
     "ideal": ("ideal", "tab:green", "*"),
 }
-
-
-def figure_dir(profile: str) -> Path:
-    path = REPO_ROOT / "figures" / profile
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def save(fig, profile: str, name: str) -> Path:
-    """Write `fig` to figures/<profile>/<name>.png (atomically) and return the path."""
-    return atomic_write(figure_dir(profile) / f"{name}.png",
-                        functools.partial(fig.savefig, dpi=120, bbox_inches="tight", format="png"))
-
-
-def save_table(df: pd.DataFrame, profile: str, name: str) -> Path:
-    """Write a tidy table to figures/<profile>/<name>.csv (atomically) and return the path."""
-    return atomic_write(figure_dir(profile) / f"{name}.csv",
-                        functools.partial(df.to_csv, index=False))
 
 
 def _image(trigger) -> np.ndarray:

@@ -5,43 +5,44 @@ import pytest
 import torch
 
 from mesa_utils import plots
+from mesa_utils.config import make_config
+from mesa_utils.outputs import NotebookOutputs
 
 
 @pytest.fixture
-def figure_root(tmp_path, monkeypatch):
-    monkeypatch.setattr(plots, "REPO_ROOT", tmp_path)
-    return tmp_path / "figures" / "test"
+def outputs(tmp_path):
+    return NotebookOutputs(make_config("smoke"), "99", root=tmp_path)
 
 
-def _written(fig, name, root):
-    path = plots.save(fig, "test", name)
-    assert path == root / f"{name}.png" and path.stat().st_size > 1000
+def _written(fig, name, outputs):
+    path = outputs.figure(fig, name)
+    assert path == outputs.staging / f"99_{name}.png" and path.stat().st_size > 1000
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_all_figures_are_written(figure_root):
+def test_all_figures_are_written(outputs):
     triggers = torch.rand(6, 3, 3, 3)
-    _written(plots.trigger_grid(triggers, range(6), ncols=3), "grid", figure_root)
+    _written(plots.trigger_grid(triggers, range(6), ncols=3), "grid", outputs)
     attack = pd.DataFrame({"trigger": [1, 2], "asr": [0.9, 0.95], "clean_accuracy": [0.8, 0.8],
                            "clean_model_accuracy": [0.81, 0.81]})
-    _written(plots.attack_figure(attack, triggers[:2]), "attack", figure_root)
+    _written(plots.attack_figure(attack, triggers[:2]), "attack", outputs)
     detection = pd.DataFrame({"trigger": [1] * 3 + [2] * 3, "class": [0, 1, 2] * 2,
                               "asr": np.linspace(0, 1, 6)})
-    _written(plots.detection_heatmap(detection), "heatmap", figure_root)
+    _written(plots.detection_heatmap(detection), "heatmap", outputs)
     log = {name: torch.rand(10, 2) for name in ("hinge", "mi", "softmax")}
-    _written(plots.mesa_log_figure(log, ["a", "b"]), "log", figure_root)
+    _written(plots.mesa_log_figure(log, ["a", "b"]), "log", outputs)
     panels = [{"title": f"p{i}", "points": np.random.rand(6, 2), "triggers": triggers,
                "original": triggers[0], "baseline": triggers[1]} for i in range(2)]
-    _written(plots.embedding_panels(panels), "pca", figure_root)
-    _written(plots.tsne_figure(panels), "tsne", figure_root)
+    _written(plots.embedding_panels(panels), "pca", outputs)
+    _written(plots.tsne_figure(panels), "tsne", outputs)
     _written(plots.original_vs_distribution(np.random.rand(6, 2), triggers, np.zeros(2),
-                                            triggers[0], "t"), "fig1b", figure_root)
+                                            triggers[0], "t"), "fig1b", outputs)
     runs = pd.DataFrame([{"trigger": t, "method": m, "beta": b, "start": s, "asr_after": a}
                          for t in (1, 2)
                          for m, b, s, a in [("mesa", 0.9, None, 0.03),
                                             ("baseline", None, 0, 0.1),
                                             ("baseline", None, 1, 0.3 * t), ("ideal", None, None, 0.02),
                                             ("mesa_mixture", None, None, 0.04)]])
-    _written(plots.defense_figure(runs, {1: triggers[0], 2: triggers[1]}), "fig4", figure_root)
-    path = plots.save_table(runs, "test", "runs")
+    _written(plots.defense_figure(runs, {1: triggers[0], 2: triggers[1]}), "fig4", outputs)
+    path = outputs.table(runs, "runs")
     assert pd.read_csv(path).shape == runs.shape

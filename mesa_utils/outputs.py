@@ -1,0 +1,112 @@
+"""Where a notebook's figures and tables go: every result traceable, none lost.
+
+`NotebookOutputs(cfg, "03")` writes notebook 03's figures (PNG) and tables (CSV) into a
+staging folder; `publish()`, the notebook's last step, moves them into figures/<folder>/ and
+writes 03_run.json beside them: the complete config, the fields that differ from the profile,
+the code's commit and the time. Hence:
+- a notebook that fails half-way leaves that notebook's previous complete outputs untouched
+  (its staging folder is cleared when the notebook next starts);
+- a run of a profile as it is writes to figures/<profile>/; a run with any override writes to
+  figures/<profile>-<hash of the complete config>/, unless `folder` names another, so an
+  experiment never overwrites the profile's results;
+- files of an earlier run that this run does not make stay in place; NN_run.json lists the
+  files this run made.
+"""
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from .config import make_config, to_dict
+from .store import REPO_ROOT, atomic_write, spec_key
+
+_FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _flat(tree: dict, prefix="") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def overridden_fields(cfg) -> dict:
+    """{dotted field: value} where `cfg` differs from its profile (the device aside: it
+    decides where a run computes, not what it computes)."""
+    profile = _flat(to_dict(make_config(cfg.profile)))
+    return {name: value for name, value in _flat(to_dict(cfg)).items()
+            if name != "device" and profile[name] != value}
+
+
+def output_folder(cfg, folder: str | None = None) -> str:
+    """The folder under figures/ for `cfg`'s outputs: `folder` when given, the profile's name
+    for the profile as it is, else <profile>-<config hash>."""
+    if folder is None:
+        if not overridden_fields(cfg):
+            return cfg.profile
+        return f"{cfg.profile}-{spec_key(to_dict(dataclasses.replace(cfg, device='auto')))[:8]}"
+    if not _FOLDER_NAME.fullmatch(folder):
+        raise ValueError(f"output folder {folder!r} must be a plain name of letters, digits, "
+                         "'.', '_' and '-' (it is created under figures/)")
+    return folder
+
+
+def code_version() -> dict:
+    """The repository's commit and whether tracked files had uncommitted changes."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=30).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD") or None
+        changed = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):   # no git: say so rather than guess
+        return {"commit": None, "uncommitted_changes": None}
+    return {"commit": commit, "uncommitted_changes": changed if commit else None}
+
+
+class NotebookOutputs:
+    """Figures and tables of one notebook (`notebook` = its number, e.g. "03"), staged, then
+    published together by `publish()`."""
+
+    def __init__(self, cfg, notebook: str, folder: str | None = None, root=None):
+        self.cfg, self.notebook = cfg, notebook
+        self.folder = Path(root or REPO_ROOT / "figures") / output_folder(cfg, folder)
+        self.staging = self.folder / f".staging-{notebook}"
+        shutil.rmtree(self.staging, ignore_errors=True)     # a failed earlier run's leftovers
+        self.staging.mkdir(parents=True)
+
+    def _path(self, name, suffix) -> Path:
+        return self.staging / f"{self.notebook}_{name}{suffix}"
+
+    def figure(self, fig, name: str) -> Path:
+        """Stage `fig` as <notebook>_<name>.png."""
+        return atomic_write(self._path(name, ".png"), functools.partial(
+            fig.savefig, dpi=120, bbox_inches="tight", format="png"))
+
+    def table(self, df, name: str) -> Path:
+        """Stage the tidy table `df` as <notebook>_<name>.csv."""
+        return atomic_write(self._path(name, ".csv"), functools.partial(df.to_csv, index=False))
+
+    def publish(self) -> Path:
+        """Move the staged files into the output folder, then write <notebook>_run.json;
+        returns the folder."""
+        files = sorted(p.name for p in self.staging.iterdir() if not p.name.endswith(".tmp"))
+        for name in files:
+            os.replace(self.staging / name, self.folder / name)
+        record = {"notebook": self.notebook, "profile": self.cfg.profile,
+                  "overridden": overridden_fields(self.cfg), **code_version(),
+                  "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                      timespec="seconds"),
+                  "files": files, "config": to_dict(self.cfg)}
+        atomic_write(self.folder / f"{self.notebook}_run.json", lambda f: f.write(
+            json.dumps(record, indent=1, default=str).encode()))
+        shutil.rmtree(self.staging, ignore_errors=True)
+        return self.folder

@@ -1,0 +1,58 @@
+"""Outputs are traceable and never lost: a run with overrides gets its own folder, each
+notebook's files are published together with the config that made them, and a notebook that
+fails half-way leaves the previous complete outputs untouched."""
+import json
+
+import pandas as pd
+import pytest
+
+from mesa_utils.config import make_config, to_dict
+from mesa_utils.outputs import NotebookOutputs, output_folder, overridden_fields
+
+
+def test_the_profile_as_it_is_writes_to_its_own_folder():
+    assert output_folder(make_config("smoke")) == "smoke"
+    assert output_folder(make_config("smoke", device="cpu")) == "smoke"  # where, not what
+
+
+def test_a_run_with_overrides_writes_elsewhere_unless_told():
+    steps = make_config("smoke", **{"mesa.steps": 12})
+    seed = make_config("smoke", seed=1)
+    assert overridden_fields(steps) == {"mesa.steps": 12}
+    assert output_folder(steps).startswith("smoke-") and output_folder(steps) != "smoke"
+    assert output_folder(steps) != output_folder(seed)
+    assert output_folder(steps) == output_folder(make_config("smoke", **{"mesa.steps": 12}))
+    assert output_folder(steps, "steps12") == "steps12"
+    with pytest.raises(ValueError, match="plain name"):
+        output_folder(steps, "../elsewhere")
+
+
+def _run(cfg, root, value, publish=True):
+    out = NotebookOutputs(cfg, "07", root=root)
+    out.table(pd.DataFrame({"value": [value]}), "result")
+    if publish:
+        out.publish()
+    return out
+
+
+def test_published_outputs_carry_the_complete_config(tmp_path):
+    cfg = make_config("smoke", seed=3)
+    folder = _run(cfg, tmp_path, 1).folder
+    record = json.loads((folder / "07_run.json").read_text())
+    assert record["config"] == json.loads(json.dumps(to_dict(cfg)))
+    assert record["overridden"] == {"seed": 3} and record["files"] == ["07_result.csv"]
+    assert "commit" in record and record["finished"]
+    assert sorted(p.name for p in folder.iterdir()) == ["07_result.csv", "07_run.json"]
+
+
+def test_a_failed_run_leaves_the_previous_outputs_intact(tmp_path):
+    cfg = make_config("smoke")
+    folder = _run(cfg, tmp_path, 1).folder
+    before = (folder / "07_run.json").read_text()
+    failed = _run(cfg, tmp_path, 2, publish=False)          # stops before its last cell
+    assert pd.read_csv(folder / "07_result.csv").value.tolist() == [1]
+    assert (folder / "07_run.json").read_text() == before
+    assert failed.staging.exists()
+    _run(cfg, tmp_path, 3)                                  # the next run clears the leftovers
+    assert pd.read_csv(folder / "07_result.csv").value.tolist() == [3]
+    assert not failed.staging.exists()
