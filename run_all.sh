@@ -95,13 +95,22 @@ mkdir -p "$OUTDIR"
 START=$(date +%s)
 for nb in "${NOTEBOOKS[@]}"; do
     name=$(basename "$nb")
+    # papermill writes to a partial file, moved onto $OUTDIR/$name only on success: a failed run
+    # never overwrites the last complete executed notebook. One left by an earlier run goes first.
+    partial=$OUTDIR/${name%.ipynb}.partial.ipynb
+    rm -f "$partial"
     echo "=== $name (profile $PROFILE) ==="
     t0=$(date +%s)
-    if ! papermill "$nb" "$OUTDIR/$name" --cwd notebooks -p profile "$PROFILE" \
+    if ! papermill "$nb" "$partial" --cwd notebooks -p profile "$PROFILE" \
             --progress-bar "${PASSTHROUGH[@]}"; then
-        echo "error: $name failed; the executed notebook with the error is $OUTDIR/$name" >&2
+        if [[ -f $partial ]]; then
+            echo "error: $name failed; the executed notebook with the error is $partial" >&2
+        else
+            echo "error: papermill failed before executing $name (see its message above); no executed notebook was written" >&2
+        fi
         exit 1
     fi
+    mv -f "$partial" "$OUTDIR/$name"
     echo "=== $name done in $(( $(date +%s) - t0 )) s ==="
 done
 echo "all ${#NOTEBOOKS[@]} notebooks done in $(( $(date +%s) - START )) s; executed notebooks in $OUTDIR, figures in figures/$PROFILE"
