@@ -14,6 +14,7 @@ cd "$(dirname "$0")"
 ROOT=$(pwd)
 VENV=${MESA_VENV:-$ROOT/.venv}
 PROFILE=quick
+PROFILE_GIVEN=0
 MODE=run
 ONLY=
 ONLY_GIVEN=0
@@ -21,8 +22,8 @@ PASSTHROUGH=()
 while (($#)); do
     case "$1" in
         --profile) [[ $# -ge 2 ]] || { echo "error: --profile needs a value (smoke, quick or paper)" >&2; exit 2; }
-                   PROFILE=$2; shift 2 ;;
-        --profile=*) PROFILE=${1#--profile=}; shift ;;
+                   PROFILE=$2; PROFILE_GIVEN=1; shift 2 ;;
+        --profile=*) PROFILE=${1#--profile=}; PROFILE_GIVEN=1; shift ;;
         --test) MODE=test; shift ;;
         --only) [[ $# -ge 2 ]] || { echo "error: --only needs notebook numbers separated by commas, e.g. --only 03,04" >&2; exit 2; }
                 ONLY=$2; ONLY_GIVEN=1; shift 2 ;;
@@ -35,6 +36,13 @@ case "$PROFILE" in
     smoke|quick|paper) ;;
     *) echo "error: unknown profile '$PROFILE'; choose smoke, quick or paper" >&2; exit 2 ;;
 esac
+# --test would silently ignore these: it tests every notebook, in the smoke profile.
+if [[ $MODE == test && $ONLY_GIVEN == 1 ]]; then
+    echo "error: --only does not apply to --test, which tests every notebook" >&2; exit 2
+fi
+if [[ $MODE == test && $PROFILE_GIVEN == 1 && $PROFILE != smoke ]]; then
+    echo "error: --test always uses the smoke profile; leave out --profile $PROFILE" >&2; exit 2
+fi
 
 # --- the notebooks to run (checked before the set-up, which can take minutes) -------------------
 shopt -s nullglob

@@ -47,6 +47,16 @@ def test_run_all_only_rejects_repeats_and_unknown_numbers(args, message):
     assert result.returncode == 2 and message in result.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--test", "--only", "03"], "--only does not apply to --test, which tests every notebook"),
+    (["--profile=paper", "--test"], "--test always uses the smoke profile; leave out --profile paper"),
+])
+def test_run_all_test_rejects_options_it_would_ignore(args, message):
+    result = subprocess.run(["bash", str(RUN_ALL), *args, STOP], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 2 and message in result.stderr
+
+
 def ready_venv():
     """The environment run_all.sh can reuse without installing anything: $MESA_VENV if set, else
     the one running these tests (under `./run_all.sh --test`, the repository's .venv)."""
