@@ -4,7 +4,7 @@
 #
 #   ./run_all.sh                          all notebooks, quick profile
 #   ./run_all.sh --profile smoke|quick|paper [papermill options, e.g. -p seed 1 -y 'triggers: [170]']
-#   ./run_all.sh --only 03,04             only these notebooks (numbers), in order
+#   ./run_all.sh --only 03,04             only these notebooks, run in numeric order
 #   ./run_all.sh --test                   unit tests + every notebook under nbval (smoke profile)
 #
 # Executed notebooks are kept in data/runs/<profile>/; figures and CSV tables go to
@@ -14,17 +14,20 @@ cd "$(dirname "$0")"
 ROOT=$(pwd)
 VENV=${MESA_VENV:-$ROOT/.venv}
 PROFILE=quick
+PROFILE_GIVEN=0
 MODE=run
 ONLY=
+ONLY_GIVEN=0
 PASSTHROUGH=()
 while (($#)); do
     case "$1" in
         --profile) [[ $# -ge 2 ]] || { echo "error: --profile needs a value (smoke, quick or paper)" >&2; exit 2; }
-                   PROFILE=$2; shift 2 ;;
-        --profile=*) PROFILE=${1#--profile=}; shift ;;
+                   PROFILE=$2; PROFILE_GIVEN=1; shift 2 ;;
+        --profile=*) PROFILE=${1#--profile=}; PROFILE_GIVEN=1; shift ;;
         --test) MODE=test; shift ;;
-        --only) [[ $# -ge 2 ]] || { echo "error: --only needs notebook numbers, e.g. --only 03,04" >&2; exit 2; }
-                ONLY=$2; shift 2 ;;
+        --only) [[ $# -ge 2 ]] || { echo "error: --only needs notebook numbers separated by commas, e.g. --only 03,04" >&2; exit 2; }
+                ONLY=$2; ONLY_GIVEN=1; shift 2 ;;
+        --only=*) ONLY=${1#--only=}; ONLY_GIVEN=1; shift ;;
         -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
         *) PASSTHROUGH+=("$1"); shift ;;
     esac
@@ -33,6 +36,42 @@ case "$PROFILE" in
     smoke|quick|paper) ;;
     *) echo "error: unknown profile '$PROFILE'; choose smoke, quick or paper" >&2; exit 2 ;;
 esac
+# --test would silently ignore these: it tests every notebook, in the smoke profile.
+if [[ $MODE == test && $ONLY_GIVEN == 1 ]]; then
+    echo "error: --only does not apply to --test, which tests every notebook" >&2; exit 2
+fi
+if [[ $MODE == test && $PROFILE_GIVEN == 1 && $PROFILE != smoke ]]; then
+    echo "error: --test always uses the smoke profile; leave out --profile $PROFILE" >&2; exit 2
+fi
+
+# --- the notebooks to run (checked before the set-up, which can take minutes) -------------------
+shopt -s nullglob
+NOTEBOOKS=(notebooks/[0-9][0-9]_*.ipynb)
+if [[ $MODE == run ]]; then
+    (( ${#NOTEBOOKS[@]} )) || { echo "error: no notebooks found in notebooks/" >&2; exit 1; }
+    NUMBERS=$(basename -a "${NOTEBOOKS[@]}" | cut -c1-2 | paste -sd ' ')
+fi
+if [[ $MODE == run && $ONLY_GIVEN == 1 ]]; then
+    only=${ONLY//[[:space:]]/}              # "03, 04" means 03,04
+    [[ $only =~ ^[^,]+(,[^,]+)*$ ]] || {
+        echo "error: --only needs notebook numbers separated by commas, e.g. --only 03,04 (got '$ONLY')" >&2; exit 2; }
+    IFS=, read -r -a ITEMS <<< "$only"
+    seen=,
+    for number in "${ITEMS[@]}"; do
+        [[ $number =~ ^[0-9]{2}$ && " $NUMBERS " == *" $number "* ]] || {
+            echo "error: --only $ONLY: no notebook numbered '$number'; choose from: $NUMBERS" >&2; exit 2; }
+        # A repeated number is an error rather than dropped: it is most likely a typo for another
+        # notebook (03,03 for 03,04), which deduplicating would silently leave out.
+        [[ $seen != *,$number,* ]] || {
+            echo "error: --only $ONLY: notebook $number is listed twice" >&2; exit 2; }
+        seen+=$number,
+    done
+    CHOSEN=()
+    for nb in "${NOTEBOOKS[@]}"; do
+        if [[ $seen == *,$(basename "$nb" | cut -c1-2),* ]]; then CHOSEN+=("$nb"); fi
+    done
+    NOTEBOOKS=("${CHOSEN[@]}")
+fi
 
 # --- environment: a virtual environment from requirements.txt, reused while it matches -------
 PYTHON=${PYTHON:-python3}
@@ -61,30 +100,25 @@ fi
 # --- run the numbered notebooks in order --------------------------------------------------------
 OUTDIR=data/runs/$PROFILE
 mkdir -p "$OUTDIR"
-shopt -s nullglob
-NOTEBOOKS=(notebooks/[0-9][0-9]_*.ipynb)
-(( ${#NOTEBOOKS[@]} )) || { echo "error: no notebooks found in notebooks/" >&2; exit 1; }
-if [[ -n $ONLY ]]; then
-    CHOSEN=()
-    for number in ${ONLY//,/ }; do
-        [[ $number =~ ^[0-9]{2}$ && -n $(compgen -G "notebooks/${number}_*.ipynb") ]] || {
-            echo "error: --only $ONLY: no notebook numbered '$number'; choose from: $(basename -a "${NOTEBOOKS[@]}" | cut -c1-2 | tr '\n' ' ')" >&2; exit 2; }
-    done
-    for nb in "${NOTEBOOKS[@]}"; do
-        if [[ ,$ONLY, == *,$(basename "$nb" | cut -c1-2),* ]]; then CHOSEN+=("$nb"); fi
-    done
-    NOTEBOOKS=("${CHOSEN[@]}")
-fi
 START=$(date +%s)
 for nb in "${NOTEBOOKS[@]}"; do
     name=$(basename "$nb")
+    # papermill writes to a partial file, moved onto $OUTDIR/$name only on success: a failed run
+    # never overwrites the last complete executed notebook. One left by an earlier run goes first.
+    partial=$OUTDIR/${name%.ipynb}.partial.ipynb
+    rm -f "$partial"
     echo "=== $name (profile $PROFILE) ==="
     t0=$(date +%s)
-    if ! papermill "$nb" "$OUTDIR/$name" --cwd notebooks -p profile "$PROFILE" \
+    if ! papermill "$nb" "$partial" --cwd notebooks -p profile "$PROFILE" \
             --progress-bar "${PASSTHROUGH[@]}"; then
-        echo "error: $name failed; the executed notebook with the error is $OUTDIR/$name" >&2
+        if [[ -f $partial ]]; then
+            echo "error: $name failed; the executed notebook with the error is $partial" >&2
+        else
+            echo "error: papermill failed before executing $name (see its message above); no executed notebook was written" >&2
+        fi
         exit 1
     fi
+    mv -f "$partial" "$OUTDIR/$name"
     echo "=== $name done in $(( $(date +%s) - t0 )) s ==="
 done
 echo "all ${#NOTEBOOKS[@]} notebooks done in $(( $(date +%s) - START )) s; executed notebooks in $OUTDIR, figures in figures/$PROFILE"

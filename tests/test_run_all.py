@@ -1,10 +1,20 @@
-"""run_all.sh refuses bad arguments with a clear message (before running anything)."""
+"""run_all.sh refuses bad arguments with a clear message (before running anything), and a failed
+notebook never overwrites the last complete executed notebook."""
+import hashlib
+import json
+import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-RUN_ALL = Path(__file__).resolve().parents[1] / "run_all.sh"
+REPO = Path(__file__).resolve().parents[1]
+RUN_ALL = REPO / "run_all.sh"
+# Appended to the cases below that a faulty script could accept: papermill and pytest both stop
+# at once on an unknown option, so a regression fails the test instead of running notebooks.
+STOP = "--no-such-option"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -16,3 +26,106 @@ def test_run_all_rejects_bad_arguments(args, message):
     result = subprocess.run(["bash", str(RUN_ALL), *args], capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 2 and message in result.stderr
+
+
+@pytest.mark.parametrize("only", ["", ",", " ", "03,,04", ",03", "03,"])
+def test_run_all_only_rejects_empty_numbers(only):
+    result = subprocess.run(["bash", str(RUN_ALL), "--only", only, STOP], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 2
+    assert "--only needs notebook numbers separated by commas, e.g. --only 03,04" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--only", "03,03"], "--only 03,03: notebook 03 is listed twice"),
+    (["--only=09"], "no notebook numbered '09'; choose from: 01 02 03 04 05"),
+    (["--only", "*"], "no notebook numbered '*'"),
+])
+def test_run_all_only_rejects_repeats_and_unknown_numbers(args, message):
+    result = subprocess.run(["bash", str(RUN_ALL), *args, STOP], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 2 and message in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--test", "--only", "03"], "--only does not apply to --test, which tests every notebook"),
+    (["--profile=paper", "--test"], "--test always uses the smoke profile; leave out --profile paper"),
+])
+def test_run_all_test_rejects_options_it_would_ignore(args, message):
+    result = subprocess.run(["bash", str(RUN_ALL), *args, STOP], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 2 and message in result.stderr
+
+
+def ready_venv():
+    """The environment run_all.sh can reuse without installing anything: $MESA_VENV if set, else
+    the one running these tests (under `./run_all.sh --test`, the repository's .venv)."""
+    venv = Path(os.environ.get("MESA_VENV") or sys.prefix)
+    stamp = venv / ".requirements.sha256"
+    want = hashlib.sha256((REPO / "requirements.txt").read_bytes()).hexdigest()
+    if not (stamp.is_file() and stamp.read_text().strip() == want):
+        pytest.skip(f"no ready environment at {venv} (set MESA_VENV)")
+    return venv
+
+
+def repo_copy(tmp_path, notebooks):
+    """run_all.sh, requirements.txt and the given notebooks in a temporary repository."""
+    shutil.copy(RUN_ALL, tmp_path)
+    shutil.copy(REPO / "requirements.txt", tmp_path)
+    (tmp_path / "notebooks").mkdir()
+    for name, source in notebooks.items():
+        if isinstance(source, Path):
+            shutil.copy(source, tmp_path / "notebooks" / name)
+        else:
+            (tmp_path / "notebooks" / name).write_text(json.dumps(source))
+    runs = tmp_path / "data" / "runs" / "smoke"
+    runs.mkdir(parents=True)
+    return runs
+
+
+def run_copy(tmp_path, venv, *args):
+    return subprocess.run(["bash", str(tmp_path / "run_all.sh"), *args], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "MESA_VENV": str(venv)})
+
+
+def test_run_all_names_no_stale_notebook_when_papermill_rejects_its_arguments(tmp_path):
+    venv = ready_venv()
+    runs = repo_copy(tmp_path, {"01_attack.ipynb": REPO / "notebooks" / "01_attack.ipynb"})
+    stale = runs / "01_attack.ipynb"
+    stale.write_text("executed notebook of an earlier run")
+    (runs / "01_attack.partial.ipynb").write_text("left by an earlier failed run")
+    result = run_copy(tmp_path, venv, "--profile", "smoke", "-y", "overrides: {")
+    assert result.returncode == 1
+    assert ("error: papermill failed before executing 01_attack.ipynb (see its message above); "
+            "no executed notebook was written") in result.stderr
+    assert "data/runs/smoke/01_attack" not in result.stderr
+    assert stale.read_text() == "executed notebook of an earlier run"
+    assert sorted(p.name for p in runs.iterdir()) == ["01_attack.ipynb"]
+
+
+def tiny_notebook():
+    """A parameters cell (profile, fail) and a cell that raises when fail is true."""
+    def cell(source, tags=()):
+        return {"cell_type": "code", "execution_count": None, "id": f"c{len(tags)}",
+                "metadata": {"tags": list(tags)}, "outputs": [], "source": source}
+    return {"cells": [cell("profile = 'quick'\nfail = False", ["parameters"]),
+                      cell("if fail:\n    raise RuntimeError('planned failure')\nprint(profile)")],
+            "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python",
+                                        "name": "python3"}},
+            "nbformat": 4, "nbformat_minor": 5}
+
+
+def test_run_all_keeps_the_last_complete_notebook_when_a_run_fails(tmp_path):
+    venv = ready_venv()
+    runs = repo_copy(tmp_path, {"01_tiny.ipynb": tiny_notebook()})
+    final, partial = runs / "01_tiny.ipynb", runs / "01_tiny.partial.ipynb"
+    final.write_text("executed notebook of an earlier run")
+    failed = run_copy(tmp_path, venv, "--profile", "smoke", "-p", "fail", "True")
+    assert failed.returncode == 1
+    assert ("error: 01_tiny.ipynb failed; the executed notebook with the error is "
+            "data/runs/smoke/01_tiny.partial.ipynb") in failed.stderr
+    assert final.read_text() == "executed notebook of an earlier run"
+    assert "planned failure" in partial.read_text()
+    done = run_copy(tmp_path, venv, "--profile", "smoke")
+    assert done.returncode == 0, done.stderr
+    assert not partial.exists() and "smoke" in final.read_text()
