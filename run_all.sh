@@ -8,7 +8,8 @@
 #   ./run_all.sh --test                   unit tests + every notebook under nbval (smoke profile)
 #
 # Executed notebooks are kept in data/runs/<profile>/; figures and CSV tables go to
-# figures/<profile>/. The first error stops the run with a non-zero exit status.
+# figures/<profile>/ (with overrides: figures/<profile>-<config hash>/), each notebook's with its
+# NN_run.json (the config that made them). The first error stops the run (non-zero exit).
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
@@ -28,7 +29,7 @@ while (($#)); do
         --only) [[ $# -ge 2 ]] || { echo "error: --only needs notebook numbers separated by commas, e.g. --only 03,04" >&2; exit 2; }
                 ONLY=$2; ONLY_GIVEN=1; shift 2 ;;
         --only=*) ONLY=${1#--only=}; ONLY_GIVEN=1; shift ;;
-        -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
         *) PASSTHROUGH+=("$1"); shift ;;
     esac
 done
@@ -121,4 +122,4 @@ for nb in "${NOTEBOOKS[@]}"; do
     mv -f "$partial" "$OUTDIR/$name"
     echo "=== $name done in $(( $(date +%s) - t0 )) s ==="
 done
-echo "all ${#NOTEBOOKS[@]} notebooks done in $(( $(date +%s) - START )) s; executed notebooks in $OUTDIR, figures in figures/$PROFILE"
+echo "all ${#NOTEBOOKS[@]} notebooks done in $(( $(date +%s) - START )) s; executed notebooks in $OUTDIR; each printed the figures/ folder it published to"

@@ -306,6 +306,24 @@ def backdoored_model(ctx: Context, trigger_id: int):
     return ctx.load_classifier(record["state_dict"]).eval(), record
 
 
+def attack_table(ctx: Context):
+    """01's table: one row per trigger of the profile (its backdoored model built or loaded)
+    with ASR and clean accuracy on the 2K eval split, the clean model's accuracy, the
+    accuracy drop in points and the number of poisoned images the attack showed."""
+    import pandas as pd
+    _, clean_record = clean_model(ctx)
+    rows = []
+    for trigger_id in ctx.cfg.triggers:
+        _, record = backdoored_model(ctx, trigger_id)
+        rows.append({"trigger": trigger_id, "target": ctx.cfg.target,
+                     "clean_accuracy": record["clean_accuracy"], "asr": record["asr"],
+                     "clean_model_accuracy": clean_record["clean_accuracy"],
+                     "poisoned_images_seen": sum(h["poisoned"] for h in record["history"])})
+    table = pd.DataFrame(rows)
+    table["accuracy_drop_pts"] = 100 * (table.clean_model_accuracy - table.clean_accuracy)
+    return table
+
+
 def state_dict_cpu(model) -> dict:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
