@@ -6,6 +6,7 @@ notebooks); `paper` is the paper's settings (meant for a GPU). `make_config` bui
 applies validated overrides, e.g. `make_config("quick", triggers=(170,), **{"mesa.steps": 300})`.
 """
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 
@@ -191,33 +192,312 @@ def _replace(obj, name, value, prefix=""):
     return dataclasses.replace(obj, **{name: value})
 
 
+# ---------------------------------------------------------------------------------------------
+# Validation: one table of rules per config dataclass, then a few checks across fields.
+#
+# Every rule has `check(name, value)`, raising ValueError "<dotted name> must be <rule>, got
+# <value>", and a __str__ that states what it allows.
+
+def _number(x) -> str:
+    return f"{x:g}"
+
+
+@dataclass(frozen=True)
+class Range:
+    """A number from `low` up to `high` (None: no upper bound); `low_open`/`high_open` exclude
+    the bound itself, as in the interval notation of __str__.
+
+    Integer ranges take ints only: bools are ints to Python but never a count or an index.
+    Real ranges take ints or floats and always reject NaN and +-inf, bounded or not: a
+    non-finite learning rate or weight only fails minutes into training."""
+    low: float
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    multiple_of: int | None = None
+    why: str = ""                   # shown after the error, for limits that are not obvious
+
+    def __str__(self):
+        if self.high is None:
+            text = f"{'>' if self.low_open else '>='} {_number(self.low)}"
+        else:
+            text = (f"in {'(' if self.low_open else '['}{_number(self.low)}, "
+                    f"{_number(self.high)}{')' if self.high_open else ']'}")
+        if self.multiple_of is not None:
+            text += f" and divisible by {self.multiple_of}"
+        if self.integer:
+            return "an integer " + text
+        # a bounded interval already says that +-inf is out; an open-ended one must
+        return text if self.high is not None else text + " and finite"
+
+    def accepts(self, value) -> bool:
+        if isinstance(value, bool):
+            return False
+        if self.integer and not isinstance(value, int):
+            return False
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        # Each comparison states what a valid value satisfies, so a NaN (for which every
+        # comparison is False) would fail here too, not slip through a negated test.
+        above_low = value > self.low if self.low_open else value >= self.low
+        below_high = (self.high is None or
+                      (value < self.high if self.high_open else value <= self.high))
+        return above_low and below_high and \
+            (self.multiple_of is None or value % self.multiple_of == 0)
+
+    def check(self, name, value):
+        if not self.accepts(value):
+            reason = f" ({self.why})" if self.why else ""
+            raise ValueError(f"{name} must be {self}, got {value!r}{reason}")
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """One of a fixed set of values (strings here)."""
+    choices: tuple
+
+    def __str__(self):
+        return "one of " + ", ".join(map(repr, self.choices))
+
+    def check(self, name, value):
+        if not isinstance(value, str) or value not in self.choices:
+            raise ValueError(f"{name} must be {self}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """True or False (not 0/1, not a string: "False" would be truthy)."""
+
+    def __str__(self):
+        return "True or False"
+
+    def check(self, name, value):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be {self}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TriggerId:
+    """One of the 51 canonical black-white trigger ids (triggers.BW_TRIGGER_IDS)."""
+
+    def __str__(self):
+        return "a canonical trigger id (one of the 51 in triggers.BW_TRIGGER_IDS)"
+
+    def check(self, name, value):
+        from .triggers import check_trigger_ids
+        try:
+            check_trigger_ids((value,))
+        except ValueError as error:     # its text says why: out of 0..511, or which id to use
+            raise ValueError(f"{name} must be {self}, got {value!r}: {error}") from None
+
+
+@dataclass(frozen=True)
+class DeviceName:
+    """"auto" or any string torch.device() parses. Whether that device exists (e.g. CUDA) is
+    checked when it is used (train.get_device), so configs stay buildable on any machine."""
+
+    def __str__(self):
+        return "'auto' or a torch device such as 'cpu', 'cuda', 'cuda:1'"
+
+    def accepts(self, value) -> bool:
+        import torch
+        if not isinstance(value, str):
+            return False
+        if value == "auto":
+            return True
+        try:
+            torch.device(value)
+        except RuntimeError:            # e.g. "Invalid device string: 'gpu!'"
+            return False
+        return True
+
+    def check(self, name, value):
+        if not self.accepts(value):
+            raise ValueError(f"{name} must be {self}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Each:
+    """A tuple whose every element passes `rule` (checked as name[i]); `length` None means
+    any non-empty length; `distinct` forbids repeats."""
+    rule: object
+    length: int | None = None
+    distinct: bool = False
+
+    def __str__(self):
+        if self.length is None:
+            size = "a non-empty tuple"
+        else:
+            size = f"a tuple of exactly {self.length} values"
+        kind = " of distinct values" if self.distinct else ""
+        return f"{size}{kind}, each {self.rule}"
+
+    def _length_fits(self, length):
+        return length > 0 if self.length is None else length == self.length
+
+    def check(self, name, value):
+        if not isinstance(value, tuple) or not self._length_fits(len(value)):
+            raise ValueError(f"{name} must be {self}, got {value!r}")
+        for i, element in enumerate(value):
+            self.rule.check(f"{name}[{i}]", element)
+        if self.distinct:
+            repeated = [x for i, x in enumerate(value) if x in value[:i]]
+            if repeated:
+                raise ValueError(f"{name} must be {self}, got {value!r}: {repeated[0]!r} "
+                                 "repeats")
+
+
+COUNT = Range(low=1, integer=True)          # how many of something: at least one
+INDEX = Range(low=0, integer=True)          # seeds and class ids: 0 upward
+POSITIVE = Range(low=0, low_open=True)      # > 0 and finite: learning rates, thresholds
+NON_NEGATIVE = Range(low=0)                 # >= 0 and finite: weights, noise levels
+OPEN_UNIT = Range(low=0, high=1, low_open=True, high_open=True)     # in (0, 1)
+UNIT = Range(low=0, high=1)                 # in [0, 1]: rates, probabilities
+BELOW_ONE = Range(low=0, high=1, high_open=True)    # in [0, 1)
+
+CONFIG_RULES = {
+    "profile": OneOf(PROFILES),
+    "dataset": OneOf(("cifar10", "cifar100")),
+    "train_subset": Range(low=0, high=50000, integer=True),     # 0 = all 50K
+    "test_subset": Range(low=0, high=10000, integer=True),      # 0 = all 10K
+    "eval_size": COUNT,                     # and below the test set size: _check_across_fields
+    "width": COUNT,
+    "target": INDEX,                        # and below the dataset's classes: across fields
+    "triggers": Each(TriggerId(), distinct=True),   # a repeat would only duplicate rows
+    "seed": INDEX,
+    "device": DeviceName(),
+    "amp": OneOf(("auto", "on", "off")),
+    "eval_batch_size": COUNT,
+    "detection_threshold": OPEN_UNIT,       # an ASR threshold at 0 or 1 flags every or no class
+    "hp_trigger": TriggerId(),
+    "hp_alphas": Each(NON_NEGATIVE),
+    "hp_beta": OPEN_UNIT,                   # a softmax threshold: 0 and 1 are degenerate
+    "hp_samples": Range(low=2, integer=True,
+                        why="spread and nearest-neighbour measures need at least two samples"),
+    "hp_seeds": Range(low=1, integer=True,
+                      why="each Fig. 3 setting is trained from hp_seeds seeds, so hp_seeds "
+                          "must be 1 or more"),
+    "save_retrained": Flag(),
+    "viz_triggers": Each(TriggerId(), distinct=True),
+}
+
+# clean, attack and defense; their poison_rate gets a section-specific check across fields
+TRAIN_RULES = {
+    "epochs": COUNT,
+    "batch_size": COUNT,
+    "lr": POSITIVE,
+    "momentum": BELOW_ONE,                  # at 1 past gradients never fade: SGD cannot settle
+    "nesterov": Flag(),                     # and only with momentum > 0: across fields
+    "weight_decay": NON_NEGATIVE,
+    "schedule": OneOf(("constant", "onecycle")),
+    "label_smoothing": BELOW_ONE,           # [0, 1): at 1 the targets carry no label at all
+    "augment": Flag(),
+    "poison_rate": UNIT,
+}
+
+# mesa and detection; detection.betas must hold one value: across fields
+MESA_RULES = {
+    "steps": COUNT,
+    "batch_size": Range(low=2, integer=True,
+                        why="the generator's BatchNorm needs at least 2 samples per batch"),
+    "lr": POSITIVE,
+    "adam_betas": Each(BELOW_ONE, length=2),    # Adam's (beta1, beta2); torch demands [0, 1)
+    "alpha": NON_NEGATIVE,
+    "betas": Each(OPEN_UNIT, distinct=True),    # softmax thresholds; a repeat trains twice
+    "noise_dim": Range(low=4, integer=True, multiple_of=4,
+                       why="the noise is injected in four equal chunks"),
+    "hidden": COUNT,
+    "trigger_noise": NON_NEGATIVE,
+    "mine_ema_rate": Range(low=0, high=1, low_open=True),   # 0 would never update the average
+    "eval_samples": Range(low=2, integer=True),     # one sample gives no usable ASR or MI
+}
+
+BASELINE_RULES = {
+    "starts": COUNT,
+    "steps": COUNT,
+    "lr": POSITIVE,
+    "momentum": BELOW_ONE,
+    "batch_size": COUNT,
+}
+
+NEURAL_CLEANSE_RULES = {
+    "steps": COUNT,
+    "batch_size": COUNT,
+    "lr": POSITIVE,
+    "init_cost": NON_NEGATIVE,
+    "cost_multiplier": Range(low=1, low_open=True),     # > 1: at 1 the cost never moves
+    "patience": COUNT,
+    "check_every": COUNT,
+    "asr_threshold": Range(low=0, high=1, low_open=True),
+    "anomaly_threshold": POSITIVE,
+}
+
+RULES = {
+    Config: CONFIG_RULES,
+    TrainConfig: TRAIN_RULES,
+    MesaConfig: MESA_RULES,
+    BaselineConfig: BASELINE_RULES,
+    NeuralCleanseConfig: NEURAL_CLEANSE_RULES,
+}
+
+
 def validate(cfg: Config) -> None:
-    """Raise ValueError naming the first invalid value."""
-    from .triggers import check_trigger_ids
-    if cfg.dataset not in ("cifar10", "cifar100"):
-        raise ValueError(f"dataset must be 'cifar10' or 'cifar100', got {cfg.dataset!r}")
+    """Raise ValueError naming the first invalid field (dotted, e.g. `mesa.steps`), its value
+    and what it allows: every field against its rule in RULES, then the checks across fields."""
+    _check_fields(cfg, prefix="")
+    _check_across_fields(cfg)
+
+
+def _check_fields(obj, prefix):
+    rules = RULES[type(obj)]
+    for field in dataclasses.fields(obj):
+        name, value = prefix + field.name, getattr(obj, field.name)
+        if dataclasses.is_dataclass(field.type):    # a section: its own table
+            if not isinstance(value, field.type):
+                raise ValueError(f"{name} must be a {field.type.__name__}, got {value!r}")
+            _check_fields(value, prefix=name + ".")
+        elif field.name in rules:
+            rules[field.name].check(name, value)
+        else:   # a programming error, caught by tests/test_config.py before any user sees it
+            raise LookupError(f"config field {name} has no validation rule; add one to "
+                              f"RULES[{type(obj).__name__}] in mesa_utils/config.py")
+
+
+def _check_across_fields(cfg: Config) -> None:
+    """Limits that depend on another field or on which section a dataclass fills."""
     num_classes = 10 if cfg.dataset == "cifar10" else 100
-    if not 0 <= cfg.target < num_classes:
-        raise ValueError(f"target class {cfg.target} outside 0..{num_classes - 1}")
-    check_trigger_ids(cfg.triggers)
-    check_trigger_ids((cfg.hp_trigger,) + tuple(cfg.viz_triggers))
-    if cfg.amp not in ("auto", "on", "off"):
-        raise ValueError(f"amp must be 'auto', 'on' or 'off', got {cfg.amp!r}")
-    for name in ("clean", "attack", "defense"):
-        train = getattr(cfg, name)
-        if train.schedule not in ("constant", "onecycle"):
-            raise ValueError(f"{name}.schedule must be 'constant' or 'onecycle'")
-        if not 0.0 <= train.poison_rate <= 1.0:
-            raise ValueError(f"{name}.poison_rate must lie in [0, 1], got {train.poison_rate}")
-    for name in ("mesa", "detection"):
-        for beta in getattr(cfg, name).betas:
-            if not 0.0 < beta < 1.0:
-                raise ValueError(f"{name}.betas must lie in (0, 1), got {beta}")
-    if cfg.hp_seeds < 1:
-        raise ValueError(f"hp_seeds must be 1 or more, got {cfg.hp_seeds}")
+    if cfg.target >= num_classes:
+        raise ValueError(f"target must be an integer in [0, {num_classes - 1}], got "
+                         f"{cfg.target}: target class {cfg.target} does not exist in "
+                         f"{cfg.dataset}")
+
     test_size = cfg.test_subset or 10000
-    if not 0 < cfg.eval_size < test_size:
-        raise ValueError(f"eval_size {cfg.eval_size} must be below the test set size {test_size}")
+    if cfg.eval_size >= test_size:      # the rest of the test set models triggers/retrains
+        raise ValueError(f"eval_size must be an integer in [1, {test_size - 1}] (below the "
+                         f"test set size {test_size}), got {cfg.eval_size}")
+
+    for section in ("clean", "attack", "defense"):
+        train = getattr(cfg, section)
+        if train.nesterov and not train.momentum > 0:
+            raise ValueError(f"{section}.nesterov=True needs {section}.momentum > 0 (torch's "
+                             f"SGD refuses Nesterov without momentum), got {section}.momentum="
+                             f"{train.momentum!r}")
+
+    # Clean training never pastes triggers: a non-zero rate would silently do nothing.
+    if cfg.clean.poison_rate != 0:
+        raise ValueError(f"clean.poison_rate must be 0 (clean training never poisons), got "
+                         f"{cfg.clean.poison_rate!r}")
+    # An attack without poison plants no backdoor. (defense.poison_rate 0 stays allowed:
+    # retraining without triggers is a control.)
+    if not cfg.attack.poison_rate > 0:
+        raise ValueError(f"attack.poison_rate must be in (0, 1] (an attack without poison "
+                         f"plants nothing), got {cfg.attack.poison_rate!r}")
+
+    # Detection trains one generator per class at a single threshold (mesa.detect_target).
+    if len(cfg.detection.betas) != 1:
+        raise ValueError(f"detection.betas must hold exactly one value (detection uses a "
+                         f"single threshold), got {cfg.detection.betas!r}")
 
 
 def to_dict(obj) -> dict:

@@ -1,6 +1,8 @@
+import dataclasses
+
 import pytest
 
-from mesa_utils.config import PROFILES, make_config
+from mesa_utils.config import PROFILES, RULES, Config, make_config, validate
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -64,3 +66,177 @@ def test_cuda_without_cuda_is_a_clear_error():
     with pytest.raises(ValueError, match="no CUDA device"):
         get_device("cuda")
     assert get_device("auto").type == "cpu"
+
+
+# --- validation of every field ---------------------------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+
+
+INVALID = [
+    # the cases a user found accepted, or crashing late
+    ({"mesa.steps": 0}, "mesa.steps must be an integer >= 1, got 0"),
+    ({"mesa.batch_size": 0}, "mesa.batch_size must be an integer >= 2, got 0"),
+    ({"attack.lr": -0.1}, "attack.lr must be > 0 and finite, got -0.1"),
+    ({"triggers": []}, "triggers must be a non-empty tuple of distinct values, each a "
+                       "canonical trigger id"),
+    ({"triggers": [170, 170]}, "got (170, 170): 170 repeats"),
+    ({"hp_beta": 1.0}, "hp_beta must be in (0, 1), got 1.0"),
+    ({"detection_threshold": 1.5}, "detection_threshold must be in (0, 1), got 1.5"),
+    ({"hp_samples": 1}, "hp_samples must be an integer >= 2, got 1"),
+    # top level
+    ({"dataset": "mnist"}, "dataset must be one of 'cifar10', 'cifar100', got 'mnist'"),
+    ({"train_subset": 50001}, "train_subset must be an integer in [0, 50000], got 50001"),
+    ({"test_subset": -1}, "test_subset must be an integer in [0, 10000], got -1"),
+    ({"eval_size": 0}, "eval_size must be an integer >= 1, got 0"),
+    ({"eval_size": 768}, "eval_size must be an integer in [1, 767] (below the test set size "
+                         "768), got 768"),
+    ({"width": 0}, "width must be an integer >= 1, got 0"),
+    ({"target": -1}, "target must be an integer >= 0, got -1"),
+    ({"target": 10}, "target must be an integer in [0, 9], got 10"),
+    ({"dataset": "cifar100", "target": 100}, "target must be an integer in [0, 99], got 100"),
+    ({"triggers": [170, 999]}, "triggers[1] must be a canonical trigger id"),
+    ({"seed": -1}, "seed must be an integer >= 0, got -1"),
+    ({"device": "gpu!"}, "device must be 'auto' or a torch device such as 'cpu', 'cuda', "
+                         "'cuda:1', got 'gpu!'"),
+    ({"device": ""}, "device must be 'auto' or a torch device"),
+    ({"amp": "maybe"}, "amp must be one of 'auto', 'on', 'off', got 'maybe'"),
+    ({"eval_batch_size": 0}, "eval_batch_size must be an integer >= 1, got 0"),
+    ({"detection_threshold": 0.0}, "detection_threshold must be in (0, 1), got 0.0"),
+    ({"detection_threshold": NAN}, "detection_threshold must be in (0, 1), got nan"),
+    ({"hp_trigger": 511}, "hp_trigger must be a canonical trigger id"),
+    ({"hp_alphas": []}, "hp_alphas must be a non-empty tuple, each >= 0 and finite, got ()"),
+    ({"hp_alphas": [0.1, -1.0]}, "hp_alphas[1] must be >= 0 and finite, got -1.0"),
+    ({"hp_alphas": [INF]}, "hp_alphas[0] must be >= 0 and finite, got inf"),
+    ({"hp_beta": 0.0}, "hp_beta must be in (0, 1), got 0.0"),
+    ({"viz_triggers": []}, "viz_triggers must be a non-empty tuple of distinct values"),
+    ({"viz_triggers": [170, 186, 170]}, "got (170, 186, 170): 170 repeats"),
+    # TrainConfig sections
+    ({"clean.epochs": 0}, "clean.epochs must be an integer >= 1, got 0"),
+    ({"defense.batch_size": 0}, "defense.batch_size must be an integer >= 1, got 0"),
+    ({"attack.lr": NAN}, "attack.lr must be > 0 and finite, got nan"),
+    ({"attack.lr": INF}, "attack.lr must be > 0 and finite, got inf"),
+    ({"attack.momentum": 1.0}, "attack.momentum must be in [0, 1), got 1.0"),
+    ({"defense.momentum": NAN}, "defense.momentum must be in [0, 1), got nan"),
+    ({"attack.nesterov": True, "attack.momentum": 0.0},
+     "attack.nesterov=True needs attack.momentum > 0"),
+    ({"clean.weight_decay": -5e-4}, "clean.weight_decay must be >= 0 and finite, got -0.0005"),
+    ({"attack.schedule": "cosine"}, "attack.schedule must be one of 'constant', 'onecycle', "
+                                    "got 'cosine'"),
+    ({"clean.label_smoothing": 1.0}, "clean.label_smoothing must be in [0, 1), got 1.0"),
+    ({"defense.poison_rate": 1.5}, "defense.poison_rate must be in [0, 1], got 1.5"),
+    ({"clean.poison_rate": 0.1}, "clean.poison_rate must be 0 (clean training never poisons)"
+                                 ", got 0.1"),
+    ({"attack.poison_rate": 0.0}, "attack.poison_rate must be in (0, 1]"),
+    # MesaConfig sections
+    ({"detection.steps": 0}, "detection.steps must be an integer >= 1, got 0"),
+    ({"mesa.batch_size": 1}, "mesa.batch_size must be an integer >= 2, got 1 (the "
+                             "generator's BatchNorm"),
+    ({"mesa.lr": NAN}, "mesa.lr must be > 0 and finite, got nan"),
+    ({"mesa.adam_betas": [0.5]}, "mesa.adam_betas must be a tuple of exactly 2 values, each "
+                                 "in [0, 1), got (0.5,)"),
+    ({"mesa.adam_betas": [0.5, 1.0]}, "mesa.adam_betas[1] must be in [0, 1), got 1.0"),
+    ({"mesa.alpha": -0.1}, "mesa.alpha must be >= 0 and finite, got -0.1"),
+    ({"mesa.betas": []}, "mesa.betas must be a non-empty tuple of distinct values, each in "
+                         "(0, 1), got ()"),
+    ({"mesa.betas": [0.5, 0.8, 0.5]}, "got (0.5, 0.8, 0.5): 0.5 repeats"),
+    ({"mesa.noise_dim": 6}, "mesa.noise_dim must be an integer >= 4 and divisible by 4, got 6"),
+    ({"mesa.noise_dim": 0}, "mesa.noise_dim must be an integer >= 4 and divisible by 4, got 0"),
+    ({"mesa.hidden": 0}, "mesa.hidden must be an integer >= 1, got 0"),
+    ({"mesa.trigger_noise": -0.1}, "mesa.trigger_noise must be >= 0 and finite, got -0.1"),
+    ({"mesa.mine_ema_rate": 0.0}, "mesa.mine_ema_rate must be in (0, 1], got 0.0"),
+    ({"mesa.eval_samples": 1}, "mesa.eval_samples must be an integer >= 2, got 1"),
+    ({"detection.betas": [0.5, 0.8]}, "detection.betas must hold exactly one value"),
+    # baseline and Neural Cleanse
+    ({"baseline.starts": 0}, "baseline.starts must be an integer >= 1, got 0"),
+    ({"baseline.steps": 0}, "baseline.steps must be an integer >= 1, got 0"),
+    ({"baseline.lr": 0.0}, "baseline.lr must be > 0 and finite, got 0.0"),
+    ({"baseline.momentum": -0.1}, "baseline.momentum must be in [0, 1), got -0.1"),
+    ({"baseline.batch_size": 0}, "baseline.batch_size must be an integer >= 1, got 0"),
+    ({"neural_cleanse.steps": 0}, "neural_cleanse.steps must be an integer >= 1, got 0"),
+    ({"neural_cleanse.batch_size": 0}, "neural_cleanse.batch_size must be an integer >= 1"),
+    ({"neural_cleanse.lr": INF}, "neural_cleanse.lr must be > 0 and finite, got inf"),
+    ({"neural_cleanse.init_cost": -1e-3}, "neural_cleanse.init_cost must be >= 0 and finite"),
+    ({"neural_cleanse.cost_multiplier": 1.0}, "neural_cleanse.cost_multiplier must be > 1 and "
+                                              "finite, got 1.0"),
+    ({"neural_cleanse.patience": 0}, "neural_cleanse.patience must be an integer >= 1, got 0"),
+    ({"neural_cleanse.check_every": 0}, "neural_cleanse.check_every must be an integer >= 1"),
+    ({"neural_cleanse.asr_threshold": 0.0}, "neural_cleanse.asr_threshold must be in (0, 1], "
+                                            "got 0.0"),
+    ({"neural_cleanse.anomaly_threshold": 0.0}, "neural_cleanse.anomaly_threshold must be > 0 "
+                                                "and finite, got 0.0"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", INVALID,
+                         ids=[",".join(overrides) for overrides, _ in INVALID])
+def test_invalid_values_name_the_field_and_its_range(overrides, message):
+    with pytest.raises(ValueError) as error:
+        make_config("smoke", **overrides)
+    assert message in str(error.value)
+
+
+def test_configs_built_directly_reject_bools_and_lists():
+    # make_config's overrides are type-checked by _replace; a Config built in code is not
+    cfg = make_config("smoke")
+    for broken, message in [
+        (dataclasses.replace(cfg, width=True), "width must be an integer >= 1, got True"),
+        (dataclasses.replace(cfg, mesa=dataclasses.replace(cfg.mesa, steps=True)),
+         "mesa.steps must be an integer >= 1, got True"),
+        (dataclasses.replace(cfg, triggers=[170]), "triggers must be a non-empty tuple"),
+        (dataclasses.replace(cfg, save_retrained=1), "save_retrained must be True or False"),
+        (dataclasses.replace(cfg, profile="fast"), "profile must be one of 'smoke', 'quick', "
+                                                   "'paper', got 'fast'"),
+        (dataclasses.replace(cfg, hp_beta="0.8"), "hp_beta must be in (0, 1), got '0.8'"),
+    ]:
+        with pytest.raises(ValueError) as error:
+            validate(broken)
+        assert message in str(error.value)
+
+
+def _leaf_fields(cls, prefix=""):
+    """(dotted name, owning dataclass, field name) of every non-dataclass field, recursively."""
+    for field in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(field.type):
+            yield from _leaf_fields(field.type, prefix + field.name + ".")
+        else:
+            yield prefix + field.name, cls, field.name
+
+
+def test_every_config_field_has_a_rule():
+    # Every field has a rule in RULES (no field is left to the checks across fields alone), so
+    # a field added without one fails here; a rule whose field was renamed fails too.
+    leaves = list(_leaf_fields(Config))
+    missing = [name for name, owner, field in leaves if field not in RULES.get(owner, {})]
+    assert not missing, f"config fields without a validation rule: {missing}"
+    for owner, rules in RULES.items():
+        names = {field.name for field in dataclasses.fields(owner)}
+        assert set(rules) <= names, f"rules for no field of {owner.__name__}: " \
+                                    f"{sorted(set(rules) - names)}"
+    names = {name for name, _, _ in leaves}
+    assert {"seed", "attack.lr", "detection.betas", "neural_cleanse.patience"} <= names
+    assert not names & {"clean", "mesa", "baseline"}     # sections are walked, not leaves
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_profile_passes_every_rule(profile):
+    cfg = make_config(profile)
+    validate(cfg)
+    for name, owner, field in _leaf_fields(Config):
+        value = cfg
+        for part in name.split("."):
+            value = getattr(value, part)
+        RULES[owner][field].check(name, value)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"defense.poison_rate": 0.0},       # retraining without triggers: a control
+    {"attack.poison_rate": 1.0, "clean.momentum": 0.0, "attack.momentum": 0.0},
+    {"device": "cuda:1"},               # whether CUDA exists is checked when it is used
+    {"dataset": "cifar100", "target": 99, "train_subset": 50000, "test_subset": 0},
+    {"mesa.noise_dim": 4, "mesa.batch_size": 2, "hp_samples": 2, "hp_alphas": [0]},
+    {"mesa.mine_ema_rate": 1.0, "neural_cleanse.asr_threshold": 1.0, "mesa.alpha": 0.0},
+    {"eval_size": 767, "seed": 0, "mesa.adam_betas": [0, 0.999]},
+])
+def test_values_at_the_limits_are_accepted(overrides):
+    make_config("smoke", **overrides)
