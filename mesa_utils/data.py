@@ -9,8 +9,9 @@ Every source must hold the official number of images per class in both splits.
 
 The cache's meta.json records its source (an archive with its SHA-256), the per-class counts
 and a fingerprint of its content: a cache made from another source than the named archive is
-replaced, and one whose arrays no longer match the fingerprint is refused. Decoding the 60K
-JPEGs takes ~20 s once; later loads take well under a second.
+replaced, one whose arrays no longer match the fingerprint is refused, and the fingerprint
+enters every artefact key (through the clean model's). Decoding the 60K JPEGs takes ~20 s
+once; later loads take well under a second.
 """
 import functools
 import hashlib
@@ -345,6 +346,8 @@ class Splits:
 
     train: the training set (clean training and attack). defense: the 8K part of the test set
     that the defender owns (trigger modelling, retraining). eval: the 2K held-out part.
+    fingerprint: `Cifar.fingerprint` of the data set they were cut from ('' for data made in
+    code); it enters the clean model's key, and through it every artefact's.
     """
     name: str
     classes: list
@@ -356,6 +359,7 @@ class Splits:
     defense_labels: torch.Tensor
     eval_images: torch.Tensor
     eval_labels: torch.Tensor
+    fingerprint: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -385,7 +389,8 @@ def prepare_splits(cfg, device, cifar: Cifar | None = None) -> Splits:
                cifar.train_images[train], cifar.train_labels[train],
                cifar.test_images[test[defense]], cifar.test_labels[test[defense]],
                cifar.test_images[test[held_out]], cifar.test_labels[test[held_out]]]
-    return Splits(cifar.name, cifar.classes, *[t.to(device) for t in tensors])
+    return Splits(cifar.name, cifar.classes, *[t.to(device) for t in tensors],
+                  fingerprint=cifar.fingerprint)
 
 
 # ---------------------------------------------------------------------------------------------
