@@ -96,7 +96,8 @@ def load_cifar(name: str = "cifar10", root=None, archive=None, download: bool = 
 def content_fingerprint(classes: list, arrays) -> str:
     """Hex SHA-256 of the class names and of the arrays' dtypes, shapes and bytes.
 
-    ~0.1 s for CIFAR-10's 184 MB: twice as fast as BLAKE2b on a CPU with SHA instructions.
+    ~0.15 s for CIFAR-10's 184 MB: SHA-256 ran twice as fast as BLAKE2b here (a CPU with SHA
+    instructions), and a cached load stays ~0.2 s.
     """
     header = json.dumps([classes, [(a.dtype.str, a.shape) for a in arrays]])
     digest = hashlib.sha256(header.encode())
@@ -216,7 +217,7 @@ def _unpickle(path):
 
 def _archive_source(path):
     """{'kind': 'archive', 'path', 'sha256'}, the digest checked against `<path>.sha256` when
-    such a file lies beside the archive (~0.1 s for the 19 MB CIFAR-10 archive)."""
+    such a file lies beside the archive (~0.02 s for the 19 MB CIFAR-10 archive)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
