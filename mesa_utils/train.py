@@ -249,10 +249,13 @@ def attack_success_rate(ctx: Context, model, images, labels, source, target, see
 def clean_spec(ctx: Context) -> dict:
     cfg = ctx.cfg
     # test_subset / eval_size / seed define the eval split its accuracy is measured on (and,
-    # through the parent key, the defender's split every later stage uses).
-    return {"stage": "clean", "dataset": cfg.dataset, "train_subset": cfg.train_subset,
-            "test_subset": cfg.test_subset, "eval_size": cfg.eval_size, "width": cfg.width,
-            "train": to_dict(cfg.clean), "seed": cfg.seed, "amp": str(ctx.amp)}
+    # through the parent key, the defender's split every later stage uses). The data's
+    # fingerprint keeps models trained or measured on other data from being reused; every
+    # other artefact key chains to this one through `parent`, so it needs no copy of it.
+    return {"stage": "clean", "dataset": cfg.dataset, "data": ctx.splits.fingerprint,
+            "train_subset": cfg.train_subset, "test_subset": cfg.test_subset,
+            "eval_size": cfg.eval_size, "width": cfg.width, "train": to_dict(cfg.clean),
+            "seed": cfg.seed, "amp": str(ctx.amp)}
 
 
 def clean_model(ctx: Context):

@@ -45,7 +45,8 @@ def make_splits(n=64, num_classes=3, label=2, value=0):
     images = torch.full((n, 32, 32, 3), value, dtype=torch.uint8)
     labels = torch.full((n,), label, dtype=torch.long)
     return Splits("toy", [str(c) for c in range(num_classes)], MEAN, STD,
-                  images, labels, images.clone(), labels.clone(), images.clone(), labels.clone())
+                  images, labels, images.clone(), labels.clone(), images.clone(), labels.clone(),
+                  fingerprint="toy")
 
 
 @pytest.fixture

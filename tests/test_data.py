@@ -1,6 +1,7 @@
 """Data loading from each source on tiny generated stand-ins, splits and batches."""
 import hashlib
 import io
+import json
 import pickle
 import tarfile
 
@@ -9,22 +10,36 @@ import pytest
 import torch
 from PIL import Image
 
-from mesa_utils.data import (STATS, DataError, Loader, augment, load_cifar, normalize,
-                             split_test)
+from mesa_utils import data as data_module
+from mesa_utils.data import (STATS, DataError, Loader, augment, content_fingerprint,
+                             load_cifar, normalize, split_test)
 
 RNG = np.random.default_rng(0)
+# (train, test) images per class of the generated stand-ins.
+STAND_IN_PER_CLASS = {"cifar10": (2, 2), "cifar100": (1, 1)}
 
 
-def _write_torchvision_cifar(root, name, n_train=30, n_test=20):
-    """A tiny stand-in in torchvision's pickled layout; returns the arrays written."""
+@pytest.fixture(autouse=True)
+def stand_in_data(monkeypatch):
+    """Expect the stand-ins' per-class counts, and no archive named by the environment."""
+    monkeypatch.setattr(data_module, "EXPECTED_PER_CLASS", STAND_IN_PER_CLASS)
+    for variable in ("MESA_CIFAR10_ARCHIVE", "MESA_CIFAR100_ARCHIVE"):
+        monkeypatch.delenv(variable, raising=False)
+
+
+def _write_torchvision_cifar(root, name):
+    """A tiny stand-in in torchvision's pickled layout, balanced labels in random order;
+    returns the arrays written."""
     n_classes = 10 if name == "cifar10" else 100
     folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
     folder.mkdir(parents=True)
     key = b"labels" if name == "cifar10" else b"fine_labels"
+    per_train, per_test = STAND_IN_PER_CLASS[name]
+    train_y = RNG.permutation(np.repeat(np.arange(n_classes), per_train)).tolist()
+    test_y = RNG.permutation(np.repeat(np.arange(n_classes), per_test)).tolist()
+    n_train = len(train_y)
     train_x = RNG.integers(0, 256, (n_train, 3072), dtype=np.uint8)
-    test_x = RNG.integers(0, 256, (n_test, 3072), dtype=np.uint8)
-    train_y = RNG.integers(0, n_classes, n_train).tolist()
-    test_y = RNG.integers(0, n_classes, n_test).tolist()
+    test_x = RNG.integers(0, 256, (len(test_y), 3072), dtype=np.uint8)
 
     def dump(file, obj):
         with open(folder / file, "wb") as f:
@@ -45,24 +60,26 @@ def _write_torchvision_cifar(root, name, n_train=30, n_test=20):
 def test_torchvision_layout_loads_and_caches(tmp_path, name):
     train_x, train_y, _, test_y = _write_torchvision_cifar(tmp_path, name)
     data = load_cifar(name, root=tmp_path, download=False)
-    assert data.train_images.shape == (30, 32, 32, 3) and data.train_images.dtype == torch.uint8
-    assert data.test_images.shape == (20, 32, 32, 3)
+    assert data.train_images.shape == (len(train_y), 32, 32, 3)
+    assert data.train_images.dtype == torch.uint8
+    assert data.test_images.shape == (len(test_y), 32, 32, 3)
     assert data.train_labels.tolist() == train_y and data.test_labels.tolist() == test_y
     assert len(data.classes) == (10 if name == "cifar10" else 100)
     # channel-major rows of 3072 bytes become (H, W, C)
     assert torch.equal(data.train_images[0, :, :, 1].flatten(),
                        torch.from_numpy(train_x[0, 1024:2048]))
-    assert (tmp_path / name / "classes.json").exists()
+    assert (tmp_path / name / "meta.json").exists()
     (tmp_path / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
      / ("test_batch" if name == "cifar10" else "test")).unlink()
     again = load_cifar(name, root=tmp_path, download=False)     # served from the .npy cache
     assert torch.equal(again.train_images, data.train_images)
 
 
-def _write_archive(path, classes=("airplane", "bird", "cat"), per_class=2):
+def _write_archive(path, classes=("airplane", "bird", "cat"), per_class=2, test_classes=None):
+    """Random PNGs, `per_class` per class folder; the test split has `test_classes` if given."""
     with tarfile.open(path, "w:gz") as tar:
         for split in ("train", "test"):
-            for c in classes:
+            for c in (test_classes if split == "test" and test_classes else classes):
                 for k in range(per_class):
                     buffer = io.BytesIO()
                     pixels = RNG.integers(0, 256, (32, 32, 3), dtype=np.uint8)
@@ -73,9 +90,12 @@ def _write_archive(path, classes=("airplane", "bird", "cat"), per_class=2):
                     tar.addfile(info, buffer)
 
 
-def _ten_class_archive(tmp_path):
-    path = tmp_path / "ten.tar.gz"
-    _write_archive(path, classes=[f"class{i}" for i in range(10)])
+TEN = [f"class{i}" for i in range(10)]
+
+
+def _ten_class_archive(tmp_path, stem="ten"):
+    path = tmp_path / f"{stem}.tar.gz"
+    _write_archive(path, classes=TEN)
     return path
 
 
@@ -91,6 +111,74 @@ def test_archive_from_environment_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("MESA_CIFAR10_ARCHIVE", str(_ten_class_archive(tmp_path)))
     data = load_cifar("cifar10", root=tmp_path / "cache", download=False)
     assert len(data.test_images) == 20
+
+
+def test_cache_records_source_counts_and_fingerprint(tmp_path):
+    path = _ten_class_archive(tmp_path)
+    data = load_cifar("cifar10", root=tmp_path / "cache", archive=path, download=False)
+    meta = json.loads((tmp_path / "cache" / "cifar10" / "meta.json").read_text())
+    assert meta["source"] == {"kind": "archive", "path": str(path),
+                              "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    assert meta["classes"] == TEN and meta["counts"] == {"train": [2] * 10, "test": [2] * 10}
+    arrays = [data.train_images, data.train_labels, data.test_images, data.test_labels]
+    assert meta["fingerprint"] == data.fingerprint == content_fingerprint(
+        TEN, [a.numpy() for a in arrays])
+
+
+def test_test_split_lacking_a_class_is_refused_and_not_cached(tmp_path):
+    path = tmp_path / "nine.tar.gz"
+    _write_archive(path, classes=TEN, test_classes=TEN[:9])
+    with pytest.raises(DataError, match="test split: class 9 'class9' has 0 images, expected 2; "
+                                        "replace the archive"):
+        load_cifar("cifar10", root=tmp_path / "cache", archive=path, download=False)
+    assert not (tmp_path / "cache" / "cifar10").exists()
+
+
+def test_named_archive_replaces_a_cache_made_from_another(tmp_path, monkeypatch, capsys):
+    a, b = _ten_class_archive(tmp_path, "a"), _ten_class_archive(tmp_path, "b")
+    only_b = load_cifar("cifar10", root=tmp_path / "b", archive=b, download=False)
+    from_a = load_cifar("cifar10", root=tmp_path / "cache", archive=a, download=False)
+    data = load_cifar("cifar10", root=tmp_path / "cache", archive=b, download=False)
+    assert "replace" in capsys.readouterr().out
+    assert torch.equal(data.train_images, only_b.train_images)
+    assert data.fingerprint == only_b.fingerprint
+    monkeypatch.setenv("MESA_CIFAR10_ARCHIVE", str(a))
+    again = load_cifar("cifar10", root=tmp_path / "cache", download=False)
+    assert torch.equal(again.train_images, from_a.train_images)
+
+
+def test_named_archive_replaces_a_cache_from_the_torchvision_folder(tmp_path):
+    _write_torchvision_cifar(tmp_path, "cifar10")
+    load_cifar("cifar10", root=tmp_path, download=False)
+    data = load_cifar("cifar10", root=tmp_path, archive=_ten_class_archive(tmp_path),
+                      download=False)
+    assert data.classes == TEN
+
+
+def test_cache_from_the_named_archive_is_not_decoded_again(tmp_path, monkeypatch):
+    path = _ten_class_archive(tmp_path)
+    first = load_cifar("cifar10", root=tmp_path / "cache", archive=path, download=False)
+
+    def fail(*args):
+        raise AssertionError("decoded again")
+    monkeypatch.setattr(data_module, "_read_archive", fail)
+    copy = tmp_path / "copy.tar.gz"
+    copy.write_bytes(path.read_bytes())
+    monkeypatch.setenv("MESA_CIFAR10_ARCHIVE", str(copy))    # same bytes elsewhere
+    for named in (path, None):
+        again = load_cifar("cifar10", root=tmp_path / "cache", archive=named, download=False)
+        assert torch.equal(again.train_images, first.train_images)
+        assert again.fingerprint == first.fingerprint
+
+
+def test_missing_archive_named_by_environment_is_an_error(tmp_path, monkeypatch):
+    _write_torchvision_cifar(tmp_path, "cifar10")      # a source that must not be used instead
+    absent = tmp_path / "absent.tar.gz"
+    monkeypatch.setenv("MESA_CIFAR10_ARCHIVE", str(absent))
+    with pytest.raises(DataError) as err:
+        load_cifar("cifar10", root=tmp_path, download=False)
+    assert str(err.value).startswith(
+        f"$MESA_CIFAR10_ARCHIVE names the archive {absent}, which does not exist")
 
 
 def test_archive_with_wrong_class_count_is_rejected(tmp_path):
@@ -126,8 +214,7 @@ def test_missing_archive_is_a_clear_error(tmp_path):
         load_cifar("cifar10", root=tmp_path, archive=tmp_path / "nope.tar.gz", download=False)
 
 
-def test_no_source_names_the_three_ways(tmp_path, monkeypatch):
-    monkeypatch.setenv("MESA_CIFAR100_ARCHIVE", str(tmp_path / "absent.tar.gz"))
+def test_no_source_names_the_three_ways(tmp_path):
     with pytest.raises(DataError) as err:
         load_cifar("cifar100", root=tmp_path, download=False)
     message = str(err.value)
@@ -140,6 +227,16 @@ def test_corrupt_cache_is_a_clear_error(tmp_path):
     load_cifar("cifar10", root=tmp_path, download=False)
     (tmp_path / "cifar10" / "train_images.npy").write_bytes(b"garbage")
     with pytest.raises(DataError, match="delete the folder"):
+        load_cifar("cifar10", root=tmp_path, download=False)
+
+
+def test_changed_cache_is_refused(tmp_path):
+    _write_torchvision_cifar(tmp_path, "cifar10")
+    load_cifar("cifar10", root=tmp_path, download=False)
+    images = np.load(tmp_path / "cifar10" / "test_images.npy")
+    images[0, 0, 0, 0] ^= 1
+    np.save(tmp_path / "cifar10" / "test_images.npy", images)
+    with pytest.raises(DataError, match="do not match the fingerprint.*delete the folder"):
         load_cifar("cifar10", root=tmp_path, download=False)
 
 

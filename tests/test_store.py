@@ -55,6 +55,13 @@ def test_clean_and_backdoor_keys_change_with_exactly_the_fields_that_make_them(t
     assert spec_key(backdoor_spec(toy_ctx, 186)) != base_backdoor
 
 
+def test_clean_and_backdoor_keys_change_with_the_data_fingerprint(toy_ctx):
+    other = dataclasses.replace(toy_ctx, splits=dataclasses.replace(toy_ctx.splits,
+                                                                    fingerprint="other"))
+    assert spec_key(clean_spec(other)) != spec_key(clean_spec(toy_ctx))
+    assert spec_key(backdoor_spec(other, 170)) != spec_key(backdoor_spec(toy_ctx, 170))
+
+
 def test_bank_key_changes_with_every_mesa_hyperparameter_and_member():
     cfg = make_config("smoke")
     members = [Member(0.8, 0.1, 0)]
