@@ -499,6 +499,12 @@ def _check_across_fields(cfg: Config) -> None:
         raise ValueError(f"detection.betas must hold exactly one value (detection uses a "
                          f"single threshold), got {cfg.detection.betas!r}")
 
+    # Fig. 3 compares every alpha and every seed with the reference setting (mesa.alpha at
+    # hp_beta): it must be one of the swept alphas, or notebook 03 fails after training.
+    if cfg.mesa.alpha not in cfg.hp_alphas:
+        raise ValueError(f"hp_alphas must include mesa.alpha ({cfg.mesa.alpha:g}), the "
+                         f"reference of the Fig. 3 comparisons, got {cfg.hp_alphas!r}")
+
 
 def to_dict(obj) -> dict:
     """Plain nested dict of a config (for JSON, cache keys and printing)."""

@@ -147,6 +147,7 @@ INVALID = [
     ({"mesa.mine_ema_rate": 0.0}, "mesa.mine_ema_rate must be in (0, 1], got 0.0"),
     ({"mesa.eval_samples": 1}, "mesa.eval_samples must be an integer >= 2, got 1"),
     ({"detection.betas": [0.5, 0.8]}, "detection.betas must hold exactly one value"),
+    ({"hp_alphas": [0.0, 10.0]}, "hp_alphas must include mesa.alpha (0.1), the reference"),
     # baseline and Neural Cleanse
     ({"baseline.starts": 0}, "baseline.starts must be an integer >= 1, got 0"),
     ({"baseline.steps": 0}, "baseline.steps must be an integer >= 1, got 0"),
@@ -234,7 +235,8 @@ def test_every_profile_passes_every_rule(profile):
     {"attack.poison_rate": 1.0, "clean.momentum": 0.0, "attack.momentum": 0.0},
     {"device": "cuda:1"},               # whether CUDA exists is checked when it is used
     {"dataset": "cifar100", "target": 99, "train_subset": 50000, "test_subset": 0},
-    {"mesa.noise_dim": 4, "mesa.batch_size": 2, "hp_samples": 2, "hp_alphas": [0]},
+    {"mesa.noise_dim": 4, "mesa.batch_size": 2, "hp_samples": 2, "hp_alphas": [0],
+     "mesa.alpha": 0.0},
     {"mesa.mine_ema_rate": 1.0, "neural_cleanse.asr_threshold": 1.0, "mesa.alpha": 0.0},
     {"eval_size": 767, "seed": 0, "mesa.adam_betas": [0, 0.999]},
 ])
