@@ -195,15 +195,29 @@ def _replace(obj, name, value, prefix=""):
 # ---------------------------------------------------------------------------------------------
 # Validation: one table of rules per config dataclass, then a few checks across fields.
 #
-# Every rule has `check(name, value)`, raising ValueError "<dotted name> must be <rule>, got
-# <value>", and a __str__ that states what it allows.
+# Every rule is a Rule: `check(name, value)` raises ValueError "<dotted name> must be <rule>,
+# got <value>", and its __str__ states what it allows.
 
 def _number(x) -> str:
     return f"{x:g}"
 
 
+class Rule:
+    """A field's allowed values: `accepts(value)`, and `check(name, value)` raising ValueError
+    "<name> must be <rule>, got <value>" (with `why`, when set, in brackets)."""
+    why = ""
+
+    def accepts(self, value) -> bool:
+        raise NotImplementedError
+
+    def check(self, name, value):
+        if not self.accepts(value):
+            reason = f" ({self.why})" if self.why else ""
+            raise ValueError(f"{name} must be {self}, got {value!r}{reason}")
+
+
 @dataclass(frozen=True)
-class Range:
+class Range(Rule):
     """A number from `low` up to `high` (None: no upper bound); `low_open`/`high_open` exclude
     the bound itself, as in the interval notation of __str__.
 
@@ -246,39 +260,33 @@ class Range:
         return above_low and below_high and \
             (self.multiple_of is None or value % self.multiple_of == 0)
 
-    def check(self, name, value):
-        if not self.accepts(value):
-            reason = f" ({self.why})" if self.why else ""
-            raise ValueError(f"{name} must be {self}, got {value!r}{reason}")
 
 
 @dataclass(frozen=True)
-class OneOf:
+class OneOf(Rule):
     """One of a fixed set of values (strings here)."""
     choices: tuple
 
     def __str__(self):
         return "one of " + ", ".join(map(repr, self.choices))
 
-    def check(self, name, value):
-        if not isinstance(value, str) or value not in self.choices:
-            raise ValueError(f"{name} must be {self}, got {value!r}")
+    def accepts(self, value) -> bool:
+        return isinstance(value, str) and value in self.choices
 
 
 @dataclass(frozen=True)
-class Flag:
+class Flag(Rule):
     """True or False (not 0/1, not a string: "False" would be truthy)."""
 
     def __str__(self):
         return "True or False"
 
-    def check(self, name, value):
-        if not isinstance(value, bool):
-            raise ValueError(f"{name} must be {self}, got {value!r}")
+    def accepts(self, value) -> bool:
+        return isinstance(value, bool)
 
 
 @dataclass(frozen=True)
-class TriggerId:
+class TriggerId(Rule):
     """One of the 51 canonical black-white trigger ids (triggers.BW_TRIGGER_IDS)."""
 
     def __str__(self):
@@ -293,7 +301,7 @@ class TriggerId:
 
 
 @dataclass(frozen=True)
-class DeviceName:
+class DeviceName(Rule):
     """"auto" or any string torch.device() parses. Whether that device exists (e.g. CUDA) is
     checked when it is used (train.get_device), so configs stay buildable on any machine."""
 
@@ -312,13 +320,9 @@ class DeviceName:
             return False
         return True
 
-    def check(self, name, value):
-        if not self.accepts(value):
-            raise ValueError(f"{name} must be {self}, got {value!r}")
-
 
 @dataclass(frozen=True)
-class Each:
+class Each(Rule):
     """A tuple whose every element passes `rule` (checked as name[i]); `length` None means
     any non-empty length; `distinct` forbids repeats."""
     rule: object

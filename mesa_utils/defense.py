@@ -247,7 +247,7 @@ def compare_defenses(ctx: Context, trigger_id) -> list:
     rows = []
     for method, beta, start, source, source_spec in runs:
         record = retrain(ctx, trigger_id, source, source_spec, cfg.seed,
-                         desc=f"{method} {trigger_id}")
+                         desc=f"retrain {method_label(method, beta)}, trigger {trigger_id}")
         rows.append({"trigger": trigger_id, "method": method, "beta": beta, "start": start,
                      "asr_before": attack["asr"], "asr_after": record["asr"],
                      "clean_before": attack["clean_accuracy"],
