@@ -16,8 +16,10 @@ from .data import normalize
 from .mesa import GeneratorSampler, Member, mesa_bank
 from .models import frozen
 from .store import spec_key
+from .intervals import bootstrap_interval
 from .train import (Context, FiniteGuard, attack_success_rate, autocast, backdoor_spec,
-                    backdoored_model, clean_accuracy, fit, original_source, state_dict_cpu)
+                    backdoored_model, clean_accuracy, eval_asr_interval, fit, original_source,
+                    state_dict_cpu)
 from .triggers import TriggerPaster, apply_trigger
 
 
@@ -216,6 +218,7 @@ def compare_defenses(ctx: Context, trigger_id) -> list:
 
     Methods: mesa (one row per beta), mesa_mixture (uniform gamma), baseline (one row per
     start), neural_cleanse (its reversal for the target class), ideal (original trigger).
+    asr_after_low/high: the 95% Wilson interval of each run's after-defence ASR.
     """
     cfg, splits = ctx.cfg, ctx.splits
     model, attack = backdoored_model(ctx, trigger_id)
@@ -248,8 +251,10 @@ def compare_defenses(ctx: Context, trigger_id) -> list:
     for method, beta, start, source, source_spec in runs:
         record = retrain(ctx, trigger_id, source, source_spec, cfg.seed,
                          desc=f"retrain {method_label(method, beta)}, trigger {trigger_id}")
+        low, high = eval_asr_interval(ctx, record["asr"])
         rows.append({"trigger": trigger_id, "method": method, "beta": beta, "start": start,
                      "asr_before": attack["asr"], "asr_after": record["asr"],
+                     "asr_after_low": low, "asr_after_high": high,
                      "clean_before": attack["clean_accuracy"],
                      "clean_after": record["clean_accuracy"]})
     return rows
@@ -275,23 +280,26 @@ def method_label(method, beta) -> str:
 
 
 def summarize(df):
-    """Per method: mean and worst after-defence ASR (%) over triggers (and baseline starts),
-    mean clean-accuracy change (points), beside the paper's numbers."""
+    """Per method: mean after-defence ASR (%) over triggers (and baseline starts) with a 95%
+    bootstrap interval over its runs, the worst run, the mean clean-accuracy change (points),
+    beside the paper's numbers. "worst" grows with the number of runs: compare it only
+    between methods with as many runs (column `runs`)."""
     import pandas as pd
     labelled = df.assign(label=[method_label(m, b) for m, b in zip(df.method, df.beta)])
     order = ["mesa beta=" + f"{b:g}" for b in sorted(df.beta.dropna().unique())]
     order += ["mesa_mixture", "baseline", "neural_cleanse", "ideal"]
     before = df.drop_duplicates("trigger")
-    rows = [{"method": "before defence", "runs": len(before),
-             "mean_asr_%": 100 * before.asr_before.mean(),
-             "worst_asr_%": 100 * before.asr_before.max(), "clean_change_pts": 0.0,
-             "paper": PAPER_RESULTS["before defence"]}]
+
+    def asr_columns(asr):
+        low, high = bootstrap_interval(asr.to_numpy())
+        return {"mean_asr_%": 100 * asr.mean(), "mean_asr_low_%": 100 * low,
+                "mean_asr_high_%": 100 * high, "worst_asr_%": 100 * asr.max()}
+    rows = [{"method": "before defence", "runs": len(before), **asr_columns(before.asr_before),
+             "clean_change_pts": 0.0, "paper": PAPER_RESULTS["before defence"]}]
     for label in order:
         part = labelled[labelled.label == label]
         if len(part):
-            rows.append({"method": label, "runs": len(part),
-                         "mean_asr_%": 100 * part.asr_after.mean(),
-                         "worst_asr_%": 100 * part.asr_after.max(),
+            rows.append({"method": label, "runs": len(part), **asr_columns(part.asr_after),
                          "clean_change_pts": 100 * (part.clean_after - part.clean_before).mean(),
                          "paper": PAPER_RESULTS.get(label, "")})
     return pd.DataFrame(rows).round(2)

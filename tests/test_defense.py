@@ -96,6 +96,11 @@ def test_summary_lists_every_method_beside_the_paper():
     assert baseline["worst_asr_%"] == 40 and baseline["runs"] == 4
     assert table.set_index("method").loc["mesa beta=0.9", "paper"] == "mean 3.4%, worst 5.9%"
     assert abs(baseline["clean_change_pts"] + 1) < 1e-6
+    # runs 5, 40, 5, 40 (%): the bootstrap interval of the mean lies inside [5, 40] around 22.5
+    assert baseline["mean_asr_%"] == 22.5
+    assert 5 <= baseline["mean_asr_low_%"] < 22.5 < baseline["mean_asr_high_%"] <= 40
+    ideal = table.set_index("method").loc["ideal"]     # identical runs: no spread
+    assert ideal["mean_asr_low_%"] == ideal["mean_asr_high_%"] == 5
 
 
 def test_asr_without_non_target_images_is_a_clear_error(toy_ctx):
