@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .store import REPO_ROOT, atomic_write
+from .store import REPO_ROOT, atomic_write, write_json
 
 DATA_DIR = REPO_ROOT / "data"
 TORCHVISION_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
@@ -290,12 +290,8 @@ def _save_cache(name, cache, source, classes, arrays) -> Cifar:
             "counts": {split: np.bincount(labels, minlength=len(classes)).tolist()
                        for split, labels in zip(SPLITS, arrays[1::2])},
             "fingerprint": content_fingerprint(classes, arrays)}
-    atomic_write(cache / META, functools.partial(_write_json, meta))
+    write_json(cache / META, meta)
     return _cifar(name, meta, arrays)
-
-
-def _write_json(obj, f):
-    f.write(json.dumps(obj, indent=1).encode())
 
 
 def _untrusted(cache, reason):

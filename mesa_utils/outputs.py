@@ -15,7 +15,6 @@ the code's commit and the time. Hence:
 import dataclasses
 import datetime
 import functools
-import json
 import os
 import re
 import shutil
@@ -23,7 +22,7 @@ import subprocess
 from pathlib import Path
 
 from .config import make_config, to_dict
-from .store import REPO_ROOT, atomic_write, spec_key
+from .store import REPO_ROOT, atomic_write, spec_key, write_json
 
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -106,7 +105,6 @@ class NotebookOutputs:
                   "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(
                       timespec="seconds"),
                   "files": files, "config": to_dict(self.cfg)}
-        atomic_write(self.folder / f"{self.notebook}_run.json", lambda f: f.write(
-            json.dumps(record, indent=1, default=str).encode()))
+        write_json(self.folder / f"{self.notebook}_run.json", record)
         shutil.rmtree(self.staging, ignore_errors=True)
         return self.folder

@@ -117,6 +117,16 @@ def atomic_write(path, write) -> Path:
     return path
 
 
+def write_json(path, obj) -> Path:
+    """Write `obj` as indented JSON to `path`, atomically (see atomic_write)."""
+    text = json.dumps(obj, indent=1, default=str).encode()
+    return atomic_write(path, functools.partial(_write_bytes, text))
+
+
+def _write_bytes(data, f):
+    f.write(data)
+
+
 class Store:
     """`store.get_or_build(kind, spec, build)` returns the cached payload or builds and saves it."""
 
