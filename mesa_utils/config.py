@@ -29,19 +29,49 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class MesaConfig:
-    """Generator (sub-model) training, Algorithm 2; authors' values in the paper profile."""
+class GeneratorConfig:
+    """How a bank of MESA generators trains (Algorithm 2); authors' values by default."""
     steps: int = 620                # generator steps (10 epochs of the 8K split at batch 128)
     batch_size: int = 128           # noise vectors (= triggered images) per generator per step
     lr: float = 2e-4                # Adam, for G and T alike
     adam_betas: tuple = (0.5, 0.999)
-    alpha: float = 0.1              # weight of the entropy (MI) term
-    betas: tuple = (0.5, 0.8, 0.9)  # staircase thresholds beta_i on the target softmax
     noise_dim: int = 64             # uniform [0,1) noise, injected in 4 chunks
     hidden: int = 512               # 2048 for CIFAR-100 in the paper
     trigger_noise: float = 0.1      # std of Gaussian noise on triggers in the F term
     mine_ema_rate: float = 0.001    # MINE's moving-average bias correction for T
     eval_samples: int = 2000        # triggers sampled to measure a generator's ASR
+
+
+@dataclass(frozen=True)
+class MesaConfig(GeneratorConfig):
+    """The defence's staircase: one sub-model per beta, all at entropy weight alpha."""
+    alpha: float = 0.1              # weight of the entropy (MI) term
+    betas: tuple = (0.5, 0.8, 0.9)  # staircase thresholds beta_i on the target softmax
+
+
+@dataclass(frozen=True)
+class DetectionConfig(GeneratorConfig):
+    """Target-class detection (section 3.3, step 1): one generator per class at one beta."""
+    alpha: float = 0.1
+    beta: float = 0.8
+    threshold: float = 0.5          # a class is flagged when its generator's ASR exceeds this
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """The hyper-parameter analysis of Fig. 3 (notebook 03)."""
+    trigger: int = 170              # whose backdoored model the generators model
+    alphas: tuple = (0.0, 0.1, 10.0)    # swept at beta = `beta`; must include mesa.alpha
+    beta: float = 0.8
+    samples: int = 2000             # sampled triggers per setting for the measures and figures
+    seeds: int = 3                  # every setting trained from this many seeds
+
+
+@dataclass(frozen=True)
+class VisualizationConfig:
+    """Fig. 5 and Fig. 1(b) (notebook 05)."""
+    triggers: tuple = ()            # drawn triggers, a subset of `triggers`; () = all of them
+    samples: int = 1000             # samples of the beta = max sub-model per t-SNE panel
 
 
 @dataclass(frozen=True)
@@ -87,30 +117,25 @@ class Config:
                                      label_smoothing=0.1, augment=True)
     attack: TrainConfig = TrainConfig(epochs=10, lr=1e-3, poison_rate=0.01)
     mesa: MesaConfig = MesaConfig()
-    detection: MesaConfig = MesaConfig(betas=(0.8,))
-    detection_threshold: float = 0.5  # a class is flagged when its generator's ASR exceeds this
-    hp_trigger: int = 170           # trigger of the hyper-parameter analysis (Fig. 3)
-    hp_alphas: tuple = (0.0, 0.1, 10.0)  # swept at beta = hp_beta
-    hp_beta: float = 0.8
-    hp_samples: int = 2000          # sampled triggers per setting for the PCA figure
-    hp_seeds: int = 3               # every Fig. 3 setting trained from this many seeds
+    detection: DetectionConfig = DetectionConfig()
+    study: StudyConfig = StudyConfig()
     defense: TrainConfig = TrainConfig(epochs=10, lr=1e-3, poison_rate=0.01)
     baseline: BaselineConfig = BaselineConfig()
     neural_cleanse: NeuralCleanseConfig = NeuralCleanseConfig()
+    visualization: VisualizationConfig = VisualizationConfig()
     save_retrained: bool = True     # keep retrained weights in the store (51 x 17 in `paper`)
-    viz_triggers: tuple = (170,)    # triggers drawn in the t-SNE figure (Fig. 5)
 
 
 def _smoke() -> Config:
     tiny = dict(batch_size=64)
     return Config(
         profile="smoke", train_subset=1024, test_subset=768, eval_size=256, width=4,
-        triggers=(170, 0), viz_triggers=(170,),
+        triggers=(170, 0), visualization=VisualizationConfig(triggers=(170,), samples=64),
         clean=TrainConfig(epochs=1, lr=0.05, schedule="onecycle", augment=True, **tiny),
         attack=TrainConfig(epochs=1, lr=1e-2, poison_rate=0.2, **tiny),
         mesa=MesaConfig(steps=6, batch_size=16, hidden=32, eval_samples=64),
-        detection=MesaConfig(steps=6, batch_size=16, hidden=32, eval_samples=64, betas=(0.8,)),
-        hp_samples=64,
+        detection=DetectionConfig(steps=6, batch_size=16, hidden=32, eval_samples=64),
+        study=StudyConfig(samples=64),
         defense=TrainConfig(epochs=1, lr=1e-2, poison_rate=0.1, **tiny),
         baseline=BaselineConfig(starts=2, steps=5, batch_size=16),
         neural_cleanse=NeuralCleanseConfig(steps=10, batch_size=16, check_every=5, patience=1),
@@ -123,14 +148,14 @@ def _quick() -> Config:
     # epochs, plants a backdoor. Retraining pastes 3,200 triggers (paper: ~800): at 800 even
     # the ideal defence left 9.2% ASR on this stronger, shorter-trained backdoor; at 3,200, 4.4%.
     return Config(
-        profile="quick", width=16, triggers=(170, 186, 15), viz_triggers=(170, 186),
+        profile="quick", width=16, triggers=(170, 186, 15),
         clean=TrainConfig(epochs=8, batch_size=256, lr=0.2, nesterov=True, weight_decay=5e-4,
                           schedule="onecycle", label_smoothing=0.1, augment=True),
         attack=TrainConfig(epochs=1, lr=1e-2, poison_rate=0.1),
         mesa=MesaConfig(steps=300, batch_size=64, lr=5e-4, hidden=256, eval_samples=1000),
-        detection=MesaConfig(steps=200, batch_size=32, lr=5e-4, hidden=256, eval_samples=500,
-                             betas=(0.8,)),
-        hp_samples=1000,
+        detection=DetectionConfig(steps=200, batch_size=32, lr=5e-4, hidden=256,
+                                  eval_samples=500),
+        study=StudyConfig(samples=1000),
         defense=TrainConfig(epochs=4, lr=1e-3, poison_rate=0.1),
         baseline=BaselineConfig(starts=3),
         neural_cleanse=NeuralCleanseConfig(steps=300),
@@ -139,7 +164,8 @@ def _quick() -> Config:
 
 def _paper() -> Config:
     from .triggers import BW_TRIGGER_IDS
-    return Config(profile="paper", triggers=BW_TRIGGER_IDS, viz_triggers=(170, 186, 15),
+    return Config(profile="paper", triggers=BW_TRIGGER_IDS,
+                  visualization=VisualizationConfig(triggers=(170, 186, 15)),
                   save_retrained=False)
 
 
@@ -324,21 +350,24 @@ class DeviceName(Rule):
 @dataclass(frozen=True)
 class Each(Rule):
     """A tuple whose every element passes `rule` (checked as name[i]); `length` None means
-    any non-empty length; `distinct` forbids repeats."""
+    any non-empty length (or any length with `allow_empty`); `distinct` forbids repeats."""
     rule: object
     length: int | None = None
     distinct: bool = False
+    allow_empty: bool = False
 
     def __str__(self):
         if self.length is None:
-            size = "a non-empty tuple"
+            size = "a tuple" if self.allow_empty else "a non-empty tuple"
         else:
             size = f"a tuple of exactly {self.length} values"
         kind = " of distinct values" if self.distinct else ""
         return f"{size}{kind}, each {self.rule}"
 
     def _length_fits(self, length):
-        return length > 0 if self.length is None else length == self.length
+        if self.length is None:
+            return length > 0 or self.allow_empty
+        return length == self.length
 
     def check(self, name, value):
         if not isinstance(value, tuple) or not self._length_fits(len(value)):
@@ -373,17 +402,7 @@ CONFIG_RULES = {
     "device": DeviceName(),
     "amp": OneOf(("auto", "on", "off")),
     "eval_batch_size": COUNT,
-    "detection_threshold": OPEN_UNIT,       # an ASR threshold at 0 or 1 flags every or no class
-    "hp_trigger": TriggerId(),
-    "hp_alphas": Each(NON_NEGATIVE),
-    "hp_beta": OPEN_UNIT,                   # a softmax threshold: 0 and 1 are degenerate
-    "hp_samples": Range(low=2, integer=True,
-                        why="spread and nearest-neighbour measures need at least two samples"),
-    "hp_seeds": Range(low=1, integer=True,
-                      why="each Fig. 3 setting is trained from hp_seeds seeds, so hp_seeds "
-                          "must be 1 or more"),
     "save_retrained": Flag(),
-    "viz_triggers": Each(TriggerId(), distinct=True),
 }
 
 # clean, attack and defense; their poison_rate gets a section-specific check across fields
@@ -400,21 +419,49 @@ TRAIN_RULES = {
     "poison_rate": UNIT,
 }
 
-# mesa and detection; detection.betas must hold one value: across fields
-MESA_RULES = {
+# shared by mesa and detection
+GENERATOR_RULES = {
     "steps": COUNT,
     "batch_size": Range(low=2, integer=True,
                         why="the generator's BatchNorm needs at least 2 samples per batch"),
     "lr": POSITIVE,
     "adam_betas": Each(BELOW_ONE, length=2),    # Adam's (beta1, beta2); torch demands [0, 1)
-    "alpha": NON_NEGATIVE,
-    "betas": Each(OPEN_UNIT, distinct=True),    # softmax thresholds; a repeat trains twice
     "noise_dim": Range(low=4, integer=True, multiple_of=4,
                        why="the noise is injected in four equal chunks"),
     "hidden": COUNT,
     "trigger_noise": NON_NEGATIVE,
     "mine_ema_rate": Range(low=0, high=1, low_open=True),   # 0 would never update the average
     "eval_samples": Range(low=2, integer=True),     # one sample gives no usable ASR or MI
+}
+
+MESA_RULES = {
+    **GENERATOR_RULES,
+    "alpha": NON_NEGATIVE,
+    "betas": Each(OPEN_UNIT, distinct=True),    # softmax thresholds; a repeat trains twice
+}
+
+DETECTION_RULES = {
+    **GENERATOR_RULES,
+    "alpha": NON_NEGATIVE,
+    "beta": OPEN_UNIT,                      # a softmax threshold: 0 and 1 are degenerate
+    "threshold": OPEN_UNIT,                 # an ASR threshold at 0 or 1 flags every or no class
+}
+
+STUDY_RULES = {
+    "trigger": TriggerId(),
+    "alphas": Each(NON_NEGATIVE, distinct=True),    # and must include mesa.alpha: across fields
+    "beta": OPEN_UNIT,
+    "samples": Range(low=2, integer=True,
+                     why="spread and nearest-neighbour measures need at least two samples"),
+    "seeds": Range(low=1, integer=True,
+                   why="each Fig. 3 setting is trained from study.seeds seeds, so study.seeds "
+                       "must be 1 or more"),
+}
+
+VISUALIZATION_RULES = {
+    # () draws every trigger of the run; else a subset of `triggers`: across fields
+    "triggers": Each(TriggerId(), distinct=True, allow_empty=True),
+    "samples": Range(low=2, integer=True, why="t-SNE needs at least two points"),
 }
 
 BASELINE_RULES = {
@@ -441,6 +488,9 @@ RULES = {
     Config: CONFIG_RULES,
     TrainConfig: TRAIN_RULES,
     MesaConfig: MESA_RULES,
+    DetectionConfig: DETECTION_RULES,
+    StudyConfig: STUDY_RULES,
+    VisualizationConfig: VISUALIZATION_RULES,
     BaselineConfig: BASELINE_RULES,
     NeuralCleanseConfig: NEURAL_CLEANSE_RULES,
 }
@@ -498,16 +548,18 @@ def _check_across_fields(cfg: Config) -> None:
         raise ValueError(f"attack.poison_rate must be in (0, 1] (an attack without poison "
                          f"plants nothing), got {cfg.attack.poison_rate!r}")
 
-    # Detection trains one generator per class at a single threshold (mesa.detect_target).
-    if len(cfg.detection.betas) != 1:
-        raise ValueError(f"detection.betas must hold exactly one value (detection uses a "
-                         f"single threshold), got {cfg.detection.betas!r}")
-
     # Fig. 3 compares every alpha and every seed with the reference setting (mesa.alpha at
-    # hp_beta): it must be one of the swept alphas, or notebook 03 fails after training.
-    if cfg.mesa.alpha not in cfg.hp_alphas:
-        raise ValueError(f"hp_alphas must include mesa.alpha ({cfg.mesa.alpha:g}), the "
-                         f"reference of the Fig. 3 comparisons, got {cfg.hp_alphas!r}")
+    # study.beta): it must be one of the swept alphas, or notebook 03 fails after training.
+    if cfg.mesa.alpha not in cfg.study.alphas:
+        raise ValueError(f"study.alphas must include mesa.alpha ({cfg.mesa.alpha:g}), the "
+                         f"reference of the Fig. 3 comparisons, got {cfg.study.alphas!r}")
+
+    # Notebook 05 draws backdoors of this run; another trigger would train a model for it.
+    outside = [t for t in cfg.visualization.triggers if t not in cfg.triggers]
+    if outside:
+        raise ValueError(f"visualization.triggers must be among triggers {cfg.triggers!r} (or "
+                         f"() for all of them), got {cfg.visualization.triggers!r}: "
+                         f"{outside[0]} is not attacked in this run")
 
 
 def to_dict(obj) -> dict:

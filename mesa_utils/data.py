@@ -34,7 +34,8 @@ TORCHVISION_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 # Official (train, test) images per class.
 EXPECTED_PER_CLASS = {"cifar10": (5000, 1000), "cifar100": (500, 100)}
-# Official per-channel statistics of the training sets, pixels in [0, 1].
+# Official per-channel statistics of the training sets, pixels in [0, 1]: the classifier's
+# first step (models.ResNet18) and nowhere else; everything outside it works in pixel space.
 STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -348,8 +349,6 @@ class Splits:
     """
     name: str
     classes: list
-    mean: torch.Tensor      # (3,) float, for normalisation
-    std: torch.Tensor       # (3,)
     train_images: torch.Tensor
     train_labels: torch.Tensor
     defense_images: torch.Tensor
@@ -381,9 +380,7 @@ def prepare_splits(cfg, device, cifar: Cifar | None = None) -> Splits:
     train = _subset(len(cifar.train_images), cfg.train_subset, cfg.seed)
     test = _subset(len(cifar.test_images), cfg.test_subset, cfg.seed + 1)
     defense, held_out = split_test(len(test), cfg.eval_size, cfg.seed)
-    mean, std = STATS[cfg.dataset]
-    tensors = [torch.tensor(mean), torch.tensor(std),
-               cifar.train_images[train], cifar.train_labels[train],
+    tensors = [cifar.train_images[train], cifar.train_labels[train],
                cifar.test_images[test[defense]], cifar.test_labels[test[defense]],
                cifar.test_images[test[held_out]], cifar.test_labels[test[held_out]]]
     return Splits(cifar.name, cifar.classes, *[t.to(device) for t in tensors],
@@ -391,12 +388,12 @@ def prepare_splits(cfg, device, cifar: Cifar | None = None) -> Splits:
 
 
 # ---------------------------------------------------------------------------------------------
-# Batches: normalisation and augmentation on the device
+# Batches: pixels and augmentation on the device
 
-def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W, C) -> float (B, C, H, W), channels-last memory, normalised."""
-    x = images.permute(0, 3, 1, 2).float().div_(255)
-    return x.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, C) -> float (B, C, H, W) in [0, 1], channels-last memory. Triggers are
+    pasted on these; the classifier normalises them itself (models.ResNet18)."""
+    return images.permute(0, 3, 1, 2).float().div_(255)
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -414,14 +411,14 @@ def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.
 
 
 class Loader:
-    """Iterable of (normalised images (B, C, H, W), labels (B,)) from uint8 data on the device.
+    """Iterable of (pixels (B, C, H, W) in [0, 1], labels (B,)) from uint8 data on the device.
 
     `images` and `labels` are public so that a stage can subset, poison or relabel them.
     """
 
-    def __init__(self, images, labels, mean, std, batch_size, shuffle=False, augment=False,
+    def __init__(self, images, labels, batch_size, shuffle=False, augment=False,
                  drop_last=False, seed=0):
-        self.images, self.labels, self.mean, self.std = images, labels, mean, std
+        self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.augment, self.drop_last = (
             batch_size, shuffle, augment, drop_last)
         self.generator = torch.Generator(images.device).manual_seed(seed)
@@ -437,7 +434,7 @@ class Loader:
                  else torch.arange(n, device=device))
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            x = normalize(self.images[idx], self.mean, self.std)
+            x = to_pixels(self.images[idx])
             if self.augment:
                 x = augment(x, self.generator)
             yield x, self.labels[idx]

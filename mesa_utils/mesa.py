@@ -10,33 +10,40 @@ member (paper, eq. 4):
 with F_i the classifier's softmax of class c_i and I_T the Donsker-Varadhan lower bound of a
 MINE statistics network T_i (trained in alternation, with MINE's moving-average correction).
 Every member draws its noise, images and positions from its own seeded stream, so a bank
-reproduces K generators trained one by one (tests/test_mesa.py).
+reproduces K generators trained one by one (tests/test_mesa.py). A trained bank is a `Bank`:
+its sub-models are addressed by their `Member` (beta, alpha, target, seed), not by position.
+
+Stages built on it: target detection (02), the hyper-parameter study of Fig. 3 (03) and the
+defence's staircase (04, 05). The measures and tables computed on their samples are in
+analysis.py.
 """
-import itertools
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import MesaConfig, to_dict
-from .data import normalize
+from .config import GeneratorConfig
+from .data import to_pixels
 from .models import GeneratorBank, StatisticsBank, frozen
-from .store import spec_key
+from .store import NonFiniteError, spec_key
+from .train import CHECK_EVERY, Backdoor, Context, FiniteGuard, attack_stats, autocast
 from .triggers import apply_trigger
-from .store import NonFiniteError
-from .train import (CHECK_EVERY, Context, FiniteGuard, attack_stats, autocast, backdoor_spec,
-                    backdoored_model)
 
 
 @dataclass(frozen=True)
 class Member:
-    """One sub-model of a bank: its threshold beta, entropy weight alpha and target class."""
+    """One sub-model: threshold beta on the target softmax, entropy weight alpha, target class,
+    and the seed of its initialisation and training randomness."""
     beta: float
     alpha: float
     target: int
+    seed: int = 0
+
+    def label(self) -> str:
+        return f"a={self.alpha:g} b={self.beta:g} seed {self.seed}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,9 +100,10 @@ def _divergence_advice(setting, mcfg, members) -> str:
             f"this bank: {max(m.alpha for m in members):g}).")
 
 
-def train_bank(ctx: Context, classifier, members, mcfg: MesaConfig, images, labels, seeds,
+def train_bank(ctx: Context, classifier, members, mcfg: GeneratorConfig, images, labels,
                trigger_shape=(3, 3, 3), desc="MESA", setting="mesa"):
-    """Train one generator (and one T) per member on uint8 `images` (N, H, W, C).
+    """Train one generator (and one T) per Member on uint8 `images` (N, H, W, C), each from
+    its member's seed.
 
     The classifier is frozen in place. Returns (generators, statistics, log) with log a dict
     of (steps, K) tensors: hinge, mi, softmax (mean target softmax), asr (share of samples
@@ -103,6 +111,7 @@ def train_bank(ctx: Context, classifier, members, mcfg: MesaConfig, images, labe
     section ("mesa", "detection") in the NonFiniteError raised when training diverges.
     """
     device, k, b = ctx.device, len(members), mcfg.batch_size
+    seeds = [m.seed for m in members]
     classifier = frozen(classifier)
     generators = GeneratorBank(k, mcfg.noise_dim, mcfg.hidden, trigger_shape, seeds).to(device)
     stats = StatisticsBank(k, mcfg.noise_dim, mcfg.hidden, trigger_shape, seeds).to(device)
@@ -133,9 +142,9 @@ def train_bank(ctx: Context, classifier, members, mcfg: MesaConfig, images, labe
         mi = dv_bound(stats(z, x), stats(z_marginal, x))                    # (K,)
         stats.requires_grad_(True)
         # F term: noisy triggers (authors' std 0.1, unclamped) on K x B images, one (chunked) pass.
-        batch = normalize(images[index.flatten()], ctx.splits.mean, ctx.splits.std)
-        pasted = apply_trigger(batch, (x + mcfg.trigger_noise * jitter).flatten(0, 1),
-                               corner.flatten(0, 1), mean=ctx.splits.mean, std=ctx.splits.std)
+        pasted = apply_trigger(to_pixels(images[index.flatten()]),
+                               (x + mcfg.trigger_noise * jitter).flatten(0, 1),
+                               corner.flatten(0, 1))
         with autocast(device, ctx.amp):
             logits = torch.cat([classifier(part) for part in pasted.split(chunk)])
         probs = logits.float().softmax(1).view(k, b, -1)
@@ -165,40 +174,38 @@ def train_bank(ctx: Context, classifier, members, mcfg: MesaConfig, images, labe
 # Sampling
 
 class GeneratorSampler:
-    """Triggers (n, C, h, w) in (0, 1) from a bank: one member, or a mixture of members.
+    """Triggers (n, C, h, w) in (0, 1) from a GeneratorBank: one generator, or a mixture.
 
-    weights: mixture weights gamma over `members` (default uniform 1/N, the paper's
-    practical choice; `entropy_weights` gives Algorithm 1's). Calling the sampler on
-    normalised images pastes one fresh trigger per image: a trigger source for poisoning.
+    positions: the generators mixed (default all; `Bank.sampler` takes Members instead).
+    weights: mixture weights gamma over them (default uniform 1/N, the paper's practical
+    choice; `entropy_weights` gives Algorithm 1's). Calling the sampler on pixels pastes one
+    fresh trigger per image: a trigger source for poisoning.
     """
 
-    def __init__(self, generators: GeneratorBank, members=None, weights=None, mean=None,
-                 std=None):
+    def __init__(self, generators: GeneratorBank, positions=None, weights=None):
         self.generators = generators.eval()
-        self.members = list(range(generators.k)) if members is None else list(members)
-        if not self.members:
-            raise ValueError("a sampler needs at least one member")
-        weights = torch.ones(len(self.members)) if weights is None else torch.as_tensor(
+        self.positions = list(range(generators.k)) if positions is None else list(positions)
+        if not self.positions:
+            raise ValueError("a sampler needs at least one generator")
+        weights = torch.ones(len(self.positions)) if weights is None else torch.as_tensor(
             weights, dtype=torch.float32)
-        if weights.shape != (len(self.members),) or (weights < 0).any() or weights.sum() <= 0:
-            raise ValueError(f"weights must be {len(self.members)} non-negative numbers with a "
-                             f"positive sum, got {weights.tolist()}")
+        if weights.shape != (len(self.positions),) or (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"weights must be {len(self.positions)} non-negative numbers with "
+                             f"a positive sum, got {weights.tolist()}")
         self.weights = weights / weights.sum()
-        self.mean, self.std = mean, std
 
     @torch.no_grad()
     def sample(self, n, generator=None, return_members=False):
         device = next(self.generators.parameters()).device
         pick = torch.multinomial(self.weights.to(device), n, replacement=True,
                                  generator=generator)                        # (n,) positions
-        member = torch.tensor(self.members, device=device)[pick]
+        member = torch.tensor(self.positions, device=device)[pick]
         z = self.generators.noise(n, generator, device)                      # (K, n, nz)
         triggers = self.generators(z)[member, torch.arange(n, device=device)]
         return (triggers, member) if return_members else triggers
 
     def __call__(self, images, generator=None):
-        return apply_trigger(images, self.sample(len(images), generator), generator=generator,
-                             mean=self.mean, std=self.std)
+        return apply_trigger(images, self.sample(len(images), generator), generator=generator)
 
 
 def entropy_weights(mi: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
@@ -213,9 +220,15 @@ def entropy_weights(mi: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Cached banks with their evaluation
 
-def bank_spec(parent_key, members, mcfg, seeds, trigger_shape=(3, 3, 3)) -> dict:
+def generator_fields(mcfg: GeneratorConfig) -> dict:
+    """The fields of a mesa/detection section that shape training (not alpha, beta or the
+    detection threshold: members carry alpha and beta, the threshold is applied afterwards)."""
+    return {f.name: getattr(mcfg, f.name) for f in dataclasses.fields(GeneratorConfig)}
+
+
+def bank_spec(parent_key, members, mcfg, trigger_shape=(3, 3, 3)) -> dict:
     return {"stage": "mesa", "parent": parent_key, "members": [asdict(m) for m in members],
-            "mesa": to_dict(mcfg), "seeds": list(seeds), "trigger_shape": list(trigger_shape)}
+            "generator": generator_fields(mcfg), "trigger_shape": list(trigger_shape)}
 
 
 # The DV bound of a trained T is >= 0 up to sampling noise (the constant T = 0 scores exactly
@@ -227,18 +240,17 @@ MI_FLOOR_NATS = -1.0
 @torch.no_grad()
 def evaluate_bank(ctx: Context, classifier, generators, stats, members, n, images, labels,
                   seed=0, advice="") -> list:
-    """Per member: asr and mean target softmax of n sampled triggers (one per image), the MI
-    (entropy) estimate, and `empty` (mean softmax below beta: the paper's empty sub-model).
-    An MI estimate that is not finite or below MI_FLOOR_NATS raises NonFiniteError (with
-    `advice` appended)."""
+    """Per member: asr and mean target softmax of n sampled triggers (one per image of another
+    class than its target), the MI (entropy) estimate, and `empty` (mean softmax below beta:
+    the paper's empty sub-model). An MI estimate that is not finite or below MI_FLOOR_NATS
+    raises NonFiniteError (with `advice` appended)."""
     rows = []
     for i, member in enumerate(members):
         keep = (labels != member.target).nonzero().squeeze(1)
         pick = keep[torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed))
                     .to(keep.device)[:n]]
-        sampler = GeneratorSampler(generators, [i], mean=ctx.splits.mean, std=ctx.splits.std)
-        result = attack_stats(ctx, classifier, images[pick], labels[pick], sampler,
-                              member.target, seed=seed)
+        result = attack_stats(ctx, classifier, images[pick], labels[pick],
+                              GeneratorSampler(generators, [i]), member.target, seed=seed)
         z, z_marginal = (generators.noise(n, torch.Generator(ctx.device).manual_seed(seed + j),
                                           ctx.device) for j in (1, 2))
         samples = generators(z)
@@ -247,29 +259,61 @@ def evaluate_bank(ctx: Context, classifier, generators, stats, members, n, image
             raise NonFiniteError(f"MINE's estimate of I(G(z); z) for sub-model {i} ({member}) "
                                  f"is {mi:.3g} nats, below the floor {MI_FLOOR_NATS:g}: its "
                                  f"statistics network diverged and nothing was stored. {advice}")
-        rows.append({**asdict(member), "member": i, **result, "mi": mi,
+        rows.append({**asdict(member), **result, "mi": mi,
                      "empty": result["target_softmax"] < member.beta})
     return rows
 
 
-def mesa_bank(ctx: Context, classifier, parent_key, members, mcfg: MesaConfig, seed=0,
-              desc="MESA", seeds=None, setting="mesa"):
-    """(generators, record) for `members` against `classifier`, trained once and cached.
+@dataclass
+class Bank:
+    """A trained bank: one generator per Member, addressed by the Member.
 
-    Generators model the defender's 8K split; record holds the per-step log, the evaluation
-    rows of `evaluate_bank` (on the same split, sampled with `seed`) and the bank's store key.
-    seeds: one per member (initialisation and training randomness); default: distinct seeds
-    seed * 1000 + i. setting: mcfg's config section, named when training diverges.
+    log: (steps, K) tensors hinge, mi, softmax, asr (train_bank); evaluation: one row per
+    member (evaluate_bank); key: its store key.
+    """
+    members: list
+    generators: GeneratorBank
+    log: dict
+    evaluation: list
+    key: str
+
+    def position(self, member: Member) -> int:
+        try:
+            return self.members.index(member)
+        except ValueError:
+            raise KeyError(f"{member} is not in this bank; it holds {self.members}") from None
+
+    def sampler(self, members=None, weights=None) -> GeneratorSampler:
+        """A trigger source of one member or a mixture (default: every member, uniform)."""
+        members = self.members if members is None else list(members)
+        return GeneratorSampler(self.generators, [self.position(m) for m in members], weights)
+
+    def sample(self, member: Member, n: int, generator=None) -> torch.Tensor:
+        """n triggers (n, 3, 3, 3) in (0, 1) of one member."""
+        return self.sampler([member]).sample(n, generator)
+
+    def evaluation_of(self, member: Member) -> dict:
+        return self.evaluation[self.position(member)]
+
+
+def mesa_bank(ctx: Context, classifier, parent_key, members, mcfg: GeneratorConfig,
+              desc="MESA", setting="mesa") -> Bank:
+    """The Bank of `members` against `classifier`, trained once and cached.
+
+    Generators model the defender's 8K split; the evaluation rows are measured on the same
+    split (sampled with cfg.seed). parent_key: the store key of the classifier (e.g.
+    Backdoor.key). setting: mcfg's config section, named when training diverges.
     """
     members = list(members)
-    seeds = [seed * 1000 + i for i in range(len(members))] if seeds is None else list(seeds)
-    spec = bank_spec(parent_key, members, mcfg, seeds)
-    splits = ctx.splits
+    if len(set(members)) != len(members):
+        raise ValueError(f"a bank's members must be distinct, got {members}")
+    spec = bank_spec(parent_key, members, mcfg)
+    splits, seed = ctx.splits, ctx.cfg.seed
 
     def build():
         generators, stats, log = train_bank(ctx, classifier, members, mcfg,
                                             splits.defense_images, splits.defense_labels,
-                                            seeds, desc=desc, setting=setting)
+                                            desc=desc, setting=setting)
         rows = evaluate_bank(ctx, classifier, generators, stats, members, mcfg.eval_samples,
                              splits.defense_images, splits.defense_labels, seed,
                              _divergence_advice(setting, mcfg, members))
@@ -277,187 +321,65 @@ def mesa_bank(ctx: Context, classifier, parent_key, members, mcfg: MesaConfig, s
                 "log": log, "evaluation": rows}
 
     record = ctx.store.get_or_build("mesa", spec, build)
-    generators = GeneratorBank(len(members), mcfg.noise_dim, mcfg.hidden, seeds=seeds)
+    generators = GeneratorBank(len(members), mcfg.noise_dim, mcfg.hidden,
+                               seeds=[m.seed for m in members])
     generators.load_state_dict(record["generators"])
-    return generators.to(ctx.device).eval(), {**record, "key": spec_key(spec)}
+    return Bank(members, generators.to(ctx.device).eval(), record["log"],
+                record["evaluation"], spec_key(spec))
 
 
 # ---------------------------------------------------------------------------------------------
-# Stages: target-class detection (02) and the hyper-parameter analysis (03)
+# Stages: target-class detection (02), the hyper-parameter study (03), the staircase (04, 05)
 
-def detect_target(ctx: Context, trigger_id: int) -> list:
-    """One generator per class (one bank) against the backdoored model of `trigger_id`.
-
-    Rows per class: asr and target_softmax of its sampled triggers, mi, and `flagged` (asr
-    above cfg.detection_threshold): Step 1 of the paper's defence (section 3.3).
-    """
-    cfg = ctx.cfg
-    model, _ = backdoored_model(ctx, trigger_id)
+def detection_members(cfg, num_classes: int) -> list:
+    """One Member per candidate target class, at the detection section's beta and alpha."""
     det = cfg.detection
-    members = [Member(det.betas[0], det.alpha, c) for c in range(ctx.splits.num_classes)]
-    _, record = mesa_bank(ctx, model, spec_key(backdoor_spec(ctx, trigger_id)), members, det,
-                          cfg.seed, desc=f"detection {trigger_id}", setting="detection")
-    return [{"trigger": trigger_id, "class": row["target"], "asr": row["asr"],
-             "target_softmax": row["target_softmax"], "mi": row["mi"],
-             "flagged": row["asr"] > cfg.detection_threshold,
-             "true_target": row["target"] == cfg.target} for row in record["evaluation"]]
+    return [Member(det.beta, det.alpha, c, cfg.seed * 1000 + c) for c in range(num_classes)]
 
 
-def hyperparameter_members(cfg) -> list:
-    """Fig. 3's settings: alpha swept at beta = hp_beta, beta swept at alpha = mesa.alpha
-    (the shared setting appears once)."""
-    members = [Member(cfg.hp_beta, alpha, cfg.target) for alpha in cfg.hp_alphas]
-    members += [Member(beta, cfg.mesa.alpha, cfg.target) for beta in cfg.mesa.betas]
-    return list(dict.fromkeys(members))
-
-
-def hyperparameter_study(ctx: Context, classifier):
-    """Fig. 3's bank against `classifier` (the hp_trigger's backdoored model): every setting
-    of `hyperparameter_members` trained from each of cfg.hp_seeds seeds.
-
-    Returns (generators, record, members, seeds), listed seed by seed. Within one seed all
-    settings share the initialisation, noise, images and trigger positions, so they differ
-    only in alpha and beta; across seeds, one setting shows what the seed alone changes.
-    """
+def detect_target(ctx: Context, backdoor: Backdoor) -> list:
+    """One generator per class (one bank) against a backdoored model: Step 1 of the paper's
+    defence (section 3.3). Rows per class: asr and target_softmax of its sampled triggers,
+    mi, and `flagged` (asr above cfg.detection.threshold)."""
     cfg = ctx.cfg
-    settings = hyperparameter_members(cfg)
-    members = settings * cfg.hp_seeds
-    seeds = [cfg.seed * 1000 + s for s in range(cfg.hp_seeds) for _ in settings]
-    generators, record = mesa_bank(ctx, classifier, spec_key(backdoor_spec(ctx, cfg.hp_trigger)),
-                                   members, cfg.mesa, cfg.seed, desc="hyper-parameters",
-                                   seeds=seeds)
-    return generators, record, members, seeds
+    members = detection_members(cfg, ctx.splits.num_classes)
+    bank = mesa_bank(ctx, backdoor.model(ctx), backdoor.key, members, cfg.detection,
+                     desc=f"detection {backdoor.trigger}", setting="detection")
+    return [{"trigger": backdoor.trigger, "class": row["target"], "asr": row["asr"],
+             "target_softmax": row["target_softmax"], "mi": row["mi"],
+             "flagged": row["asr"] > cfg.detection.threshold,
+             "true_target": row["target"] == backdoor.target} for row in bank.evaluation]
 
 
-def study_index(members, seeds) -> dict:
-    """{(alpha, beta, seed): position} of a hyperparameter_study bank's members."""
-    return {(m.alpha, m.beta, s): i for i, (m, s) in enumerate(zip(members, seeds))}
+def study_settings(cfg) -> list:
+    """Fig. 3's settings as (alpha, beta): alpha swept at beta = study.beta, beta swept at
+    alpha = mesa.alpha (the shared setting appears once)."""
+    settings = [(alpha, cfg.study.beta) for alpha in cfg.study.alphas]
+    settings += [(cfg.mesa.alpha, beta) for beta in cfg.mesa.betas]
+    return list(dict.fromkeys(settings))
 
 
-def nesting_pairs(cfg, members, seeds) -> list:
-    """(comparison, inner, outer) member positions to compare: per seed, each beta of
-    mesa.betas inside the next lower one ("staircase"); and the reference setting
-    (hp_beta, mesa.alpha) of a later seed inside an earlier one's ("same setting, other
-    seed": identical valid sets, the yardstick)."""
-    index, alpha = study_index(members, seeds), cfg.mesa.alpha
-    seed_list, betas = sorted(set(seeds)), sorted(cfg.mesa.betas)
-    pairs = [("staircase", index[(alpha, high, s)], index[(alpha, low, s)])
-             for s in seed_list for low, high in zip(betas, betas[1:])]
-    pairs += [("same setting, other seed", index[(alpha, cfg.hp_beta, t)],
-               index[(alpha, cfg.hp_beta, s)]) for s, t in itertools.combinations(seed_list, 2)]
-    return pairs
+def study_members(cfg) -> list:
+    """Every Fig. 3 setting from each of study.seeds seeds, listed seed by seed. Within one
+    seed all settings share the initialisation, noise, images and trigger positions, so they
+    differ only in alpha and beta; across seeds, one setting shows what the seed alone does."""
+    return [Member(beta, alpha, cfg.target, cfg.seed * 1000 + s)
+            for s in range(cfg.study.seeds) for alpha, beta in study_settings(cfg)]
 
 
-def nesting_table(pairs, samples, planes, labels):
-    """DataFrame of `coverage` both ways for each (comparison, inner, outer) of `pairs`: in
-    the samples' own space (list of (n, ...) tensors) and, columns *_2d, in the 2-D `planes`
-    (list of (n, 2) arrays, e.g. pca_2d's: what the eye judges in Fig. 3)."""
-    import pandas as pd
-    planes = [torch.as_tensor(p) for p in planes]
-    return pd.DataFrame([{"comparison": kind, "inner": labels[i], "outer": labels[j],
-                          "inner_in_outer": coverage(samples[i], samples[j]),
-                          "outer_in_inner": coverage(samples[j], samples[i]),
-                          "inner_in_outer_2d": coverage(planes[i], planes[j]),
-                          "outer_in_inner_2d": coverage(planes[j], planes[i])}
-                         for kind, i, j in pairs])
+def hyperparameter_study(ctx: Context, backdoor: Backdoor) -> Bank:
+    """Fig. 3's bank (study_members) against the backdoored model of study.trigger."""
+    return mesa_bank(ctx, backdoor.model(ctx), backdoor.key, study_members(ctx.cfg),
+                     ctx.cfg.mesa, desc="hyper-parameters")
 
 
-def hyperparameter_claims(cfg, settings, nesting):
-    """The paper's Fig. 3 claims checked on one run: DataFrame (claim, holds, cases), holds
-    counting the seeds (or pairs) where the claim is true. settings: rows with seed, alpha,
-    beta, asr and distinct (distinct_triggers); nesting: a nesting_table."""
-    import pandas as pd
-    by_seed = settings.set_index(["seed", "alpha", "beta"])
-
-    def column(name, alpha):   # per seed, at beta = hp_beta
-        return by_seed[name].xs((alpha, cfg.hp_beta), level=["alpha", "beta"]).to_numpy()
-
-    low, ref, high = min(cfg.hp_alphas), cfg.mesa.alpha, max(cfg.hp_alphas)
-    staircase = nesting[nesting.comparison == "staircase"]
-    other_seed = nesting[nesting.comparison != "staircase"]
-    checks = {
-        f"alpha {low:g} narrower than alpha {ref:g} (fewer distinct triggers)":
-            column("distinct", low) < column("distinct", ref),
-        f"alpha {low:g} collapses (under a quarter of alpha {ref:g}'s distinct triggers)":
-            column("distinct", low) < 0.25 * column("distinct", ref),
-        f"alpha {high:g} loses ASR (over 10 points below alpha {ref:g})":
-            column("asr", high) < column("asr", ref) - 0.1,
-        "higher-beta set leans inside the lower one (inner_in_outer > outer_in_inner)":
-            (staircase.inner_in_outer > staircase.outer_in_inner).to_numpy(),
-        "higher-beta set lies mostly inside the lower one (inner_in_outer > 0.5)":
-            (staircase.inner_in_outer > 0.5).to_numpy(),
-        "one setting from two seeds: either covers half the other (coverage > 0.5)":
-            (other_seed[["inner_in_outer", "outer_in_inner"]].max(axis=1) > 0.5).to_numpy(),
-    }
-    return pd.DataFrame([{"claim": claim, "holds": int(holds.sum()), "cases": len(holds)}
-                         for claim, holds in checks.items()])
+def staircase_members(cfg) -> list:
+    """The defence's staircase: one sub-model per beta of mesa.betas at mesa.alpha."""
+    return [Member(beta, cfg.mesa.alpha, cfg.target, cfg.seed * 1000 + i)
+            for i, beta in enumerate(cfg.mesa.betas)]
 
 
-def spread(samples: torch.Tensor) -> float:
-    """Total variance (trace of the covariance) of flattened samples (n, ...): how widely a
-    generator's triggers spread; near 0 when it collapses onto a few points."""
-    flat = samples.flatten(1).double()
-    return float(flat.var(0).sum())
-
-
-def thin(points: np.ndarray, min_distance: float) -> np.ndarray:
-    """Indices of points (n, d) kept so that no two kept points lie closer than min_distance
-    (greedy, first come first kept)."""
-    kept = []
-    for i, p in enumerate(points):
-        if not kept or np.min(np.linalg.norm(points[kept] - p, axis=1)) >= min_distance:
-            kept.append(i)
-    return np.array(kept, dtype=int)
-
-
-def distinct_triggers(samples: torch.Tensor, radius: float = 0.5) -> int:
-    """How many clearly different triggers the samples (n, ...) in [0, 1] hold: a greedy
-    subset whose members lie at least `radius` apart (L2 over all pixel values; 0.5 is one
-    value differing by half its range). Small when a generator collapses onto few points."""
-    return len(thin(samples.flatten(1).double().cpu().numpy(), radius))
-
-
-def coverage(inner: torch.Tensor, outer: torch.Tensor, quantile: float = 0.95) -> float:
-    """Share of `inner` samples (n, ...) lying within the `quantile` of `outer`'s own
-    nearest-neighbour distances from some `outer` sample: ~1 when inner's set is inside
-    outer's (the staircase nesting X_(i+1) within X_i), lower when it reaches beyond."""
-    a, b = inner.flatten(1).double(), outer.flatten(1).double()
-    within = torch.cdist(b, b)
-    within.fill_diagonal_(float("inf"))
-    radius = torch.quantile(within.min(1).values, quantile)
-    return float((torch.cdist(a, b).min(1).values <= radius).double().mean())
-
-
-def pca_2d(groups):
-    """Centred PCA fitted on all groups (n_i, ...) together (shared axes): the list of (n_i, 2)
-    arrays and the share of the total variance the two components keep (0-1)."""
-    from sklearn.decomposition import PCA
-    flat = [g.flatten(1).cpu().numpy() for g in groups]
-    pca = PCA(n_components=2).fit(np.concatenate(flat))
-    return [pca.transform(f) for f in flat], float(pca.explained_variance_ratio_.sum())
-
-
-def tsne_2d(samples: torch.Tensor, seed: int = 0) -> np.ndarray:
-    """t-SNE embedding (n, 2) of flattened samples (n, ...), as in the paper's Fig. 5."""
-    from sklearn.manifold import TSNE
-    flat = samples.flatten(1).cpu().numpy()
-    perplexity = min(30.0, max(2.0, (len(flat) - 1) / 3))
-    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
-    return tsne.fit_transform(flat)
-
-
-def detection_summary(detection, target: int):
-    """Per trigger: the true target's ASR, the best other class's, their margin, the flagged
-    classes and whether exactly the true target was flagged. detection: rows of
-    detect_target as a DataFrame."""
-    import pandas as pd
-    rows = []
-    for trigger, part in detection.groupby("trigger"):
-        flagged = sorted(int(c) for c in part[part.flagged]["class"])
-        rows.append({"trigger": trigger,
-                     "true_target_asr": part[part["class"] == target].asr.max(),
-                     "best_other_asr": part[part["class"] != target].asr.max(),
-                     "flagged_classes": flagged, "correct": flagged == [target]})
-    table = pd.DataFrame(rows)
-    table["margin"] = table.true_target_asr - table.best_other_asr
-    return table
+def staircase_bank(ctx: Context, backdoor: Backdoor) -> Bank:
+    """The staircase's Bank for one backdoored model (04 retrains with it, 05 draws it)."""
+    return mesa_bank(ctx, backdoor.model(ctx), backdoor.key, staircase_members(ctx.cfg),
+                     ctx.cfg.mesa, desc=f"MESA {backdoor.trigger}")

@@ -33,10 +33,20 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """(B, 3, 32, 32) normalised images -> (B, num_classes) logits. width 64 = the paper's."""
+    """(B, 3, 32, 32) pixels in [0, 1] -> (B, num_classes) logits. width 64 = the paper's.
 
-    def __init__(self, num_classes=10, width=64):
+    It normalises its input with the data set's per-channel `mean` and `std` ((3,) each, e.g.
+    data.STATS["cifar10"]) as its first step, so every trigger, mask and sample outside it
+    lives in pixel space and no caller handles the statistics. They are given, not defaulted
+    (CIFAR-100 must not get CIFAR-10's), and not saved in the weights (fixed per data set).
+    """
+
+    def __init__(self, num_classes, width, mean, std):
         super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1),
+                             persistent=False)
         self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False),
                                   nn.BatchNorm2d(width), nn.ReLU())
         blocks, cin = [], width
@@ -48,7 +58,7 @@ class ResNet18(nn.Module):
         self.head = nn.Linear(cin, num_classes)
 
     def forward(self, x):
-        x = self.blocks(self.stem(x))
+        x = self.blocks(self.stem((x - self.mean) / self.std))
         return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 

@@ -11,7 +11,7 @@ import seaborn as sns
 import torch
 from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
-from .mesa import thin
+from .analysis import thin
 
 matplotlib.rcParams["figure.max_open_warning"] = 0   # notebooks draw many figures
 

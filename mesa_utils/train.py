@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import Config, TrainConfig, to_dict
-from .data import Loader, Splits, normalize, prepare_splits
+from .data import STATS, Loader, Splits, prepare_splits, to_pixels
 from .intervals import wilson_interval
 from .models import ResNet18
 from .store import NonFiniteError, Store, spec_key
@@ -66,7 +66,7 @@ class Context:
     store: Store
 
     def new_classifier(self) -> torch.nn.Module:
-        model = ResNet18(self.splits.num_classes, self.cfg.width)
+        model = ResNet18(self.splits.num_classes, self.cfg.width, *STATS[self.cfg.dataset])
         return model.to(self.device, memory_format=torch.channels_last)
 
     def load_classifier(self, state_dict) -> torch.nn.Module:
@@ -147,9 +147,8 @@ def fit(ctx: Context, model, images, labels, cfg: TrainConfig, setting: str, sou
     "defense"), named when training diverges (NonFiniteError). Returns per-epoch dicts of
     loss, accuracy, poisoned; counters stay on the device until the end of each epoch.
     """
-    loader = Loader(images, labels, ctx.splits.mean, ctx.splits.std, cfg.batch_size,
-                    shuffle=True, augment=cfg.augment, drop_last=len(images) > cfg.batch_size,
-                    seed=seed)
+    loader = Loader(images, labels, cfg.batch_size, shuffle=True, augment=cfg.augment,
+                    drop_last=len(images) > cfg.batch_size, seed=seed)
     poison_generator = torch.Generator(ctx.device).manual_seed(seed + 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
@@ -205,8 +204,7 @@ def probabilities(ctx: Context, model, images, source=None, seed=0) -> torch.Ten
     generator = torch.Generator(ctx.device).manual_seed(seed)
     out = [torch.empty(0, ctx.splits.num_classes, device=ctx.device)]
     for start in range(0, len(images), ctx.cfg.eval_batch_size):
-        x = normalize(images[start:start + ctx.cfg.eval_batch_size], ctx.splits.mean,
-                      ctx.splits.std)
+        x = to_pixels(images[start:start + ctx.cfg.eval_batch_size])
         if source is not None:
             x = source(x, generator)
         with autocast(ctx.device, ctx.amp):
@@ -288,22 +286,50 @@ def backdoor_spec(ctx: Context, trigger_id: int) -> dict:
             "amp": str(ctx.amp)}
 
 
-def original_source(ctx: Context, trigger_id: int) -> TriggerPaster:
+def original_source(trigger_id: int) -> TriggerPaster:
     """The attacker's trigger as a trigger source (pasted at a random position per image)."""
-    return TriggerPaster(trigger_from_id(trigger_id).to(ctx.device), ctx.splits.mean,
-                         ctx.splits.std)
+    return TriggerPaster(trigger_from_id(trigger_id))
 
 
-def backdoored_model(ctx: Context, trigger_id: int):
-    """(model, record): the clean model fine-tuned with the backdoor of `trigger_id`, cached.
+@dataclass(frozen=True)
+class Backdoor:
+    """A backdoored model as a value that later stages are given (never rebuild).
 
-    record holds clean_accuracy and asr on the 2K eval split, and the training history.
+    key: its store key, the `parent` of every artefact made from it (generators, reversals,
+    retrained models). record: state_dict, history, and clean_accuracy and asr in [0, 1] on
+    the 2K eval split.
     """
+    trigger: int
+    target: int
+    key: str
+    record: dict
+
+    @property
+    def asr(self) -> float:
+        return self.record["asr"]
+
+    @property
+    def clean_accuracy(self) -> float:
+        return self.record["clean_accuracy"]
+
+    def model(self, ctx: Context) -> torch.nn.Module:
+        """A fresh copy of the backdoored classifier in eval mode (retraining changes it)."""
+        return ctx.load_classifier(self.record["state_dict"]).eval()
+
+    def source(self) -> TriggerPaster:
+        """Its original trigger as a trigger source."""
+        return original_source(self.trigger)
+
+
+def backdoored_model(ctx: Context, trigger_id: int) -> Backdoor:
+    """The clean model fine-tuned with the backdoor of `trigger_id` (cfg.attack: poisoned
+    images relabelled to cfg.target), trained once and cached."""
     cfg = ctx.cfg
+    spec = backdoor_spec(ctx, trigger_id)
 
     def build():
         model, _ = clean_model(ctx)
-        source = original_source(ctx, trigger_id)
+        source = original_source(trigger_id)
         history = fit(ctx, model, ctx.splits.train_images, ctx.splits.train_labels, cfg.attack,
                       "attack", source=source, target=cfg.target, seed=cfg.seed + trigger_id,
                       desc=f"attack {trigger_id}")
@@ -313,26 +339,25 @@ def backdoored_model(ctx: Context, trigger_id: int):
                                                  ctx.splits.eval_labels),
                 "asr": attack_success_rate(ctx, model, ctx.splits.eval_images,
                                            ctx.splits.eval_labels, source, cfg.target)}
-    record = ctx.store.get_or_build("backdoor", backdoor_spec(ctx, trigger_id), build)
-    return ctx.load_classifier(record["state_dict"]).eval(), record
+    record = ctx.store.get_or_build("backdoor", spec, build)
+    return Backdoor(trigger_id, cfg.target, spec_key(spec), record)
 
 
-def attack_table(ctx: Context):
-    """01's table: one row per trigger of the profile (its backdoored model built or loaded)
-    with ASR (and its 95% interval asr_low..asr_high) and clean accuracy on the 2K eval split,
-    the clean model's accuracy, the accuracy drop in points and the number of poisoned images
-    the attack showed."""
+def attack_table(ctx: Context, backdoors: list):
+    """01's table: one row per Backdoor with ASR (and its 95% interval asr_low..asr_high) and
+    clean accuracy on the 2K eval split, the clean model's accuracy, the accuracy drop in
+    points and the number of poisoned images the attack showed."""
     import pandas as pd
     _, clean_record = clean_model(ctx)
     rows = []
-    for trigger_id in ctx.cfg.triggers:
-        _, record = backdoored_model(ctx, trigger_id)
-        low, high = eval_asr_interval(ctx, record["asr"])
-        rows.append({"trigger": trigger_id, "target": ctx.cfg.target,
-                     "clean_accuracy": record["clean_accuracy"], "asr": record["asr"],
+    for backdoor in backdoors:
+        low, high = eval_asr_interval(ctx, backdoor.asr)
+        rows.append({"trigger": backdoor.trigger, "target": backdoor.target,
+                     "clean_accuracy": backdoor.clean_accuracy, "asr": backdoor.asr,
                      "asr_low": low, "asr_high": high,
                      "clean_model_accuracy": clean_record["clean_accuracy"],
-                     "poisoned_images_seen": sum(h["poisoned"] for h in record["history"])})
+                     "poisoned_images_seen": sum(h["poisoned"]
+                                                 for h in backdoor.record["history"])})
     table = pd.DataFrame(rows)
     table["accuracy_drop_pts"] = 100 * (table.clean_model_accuracy - table.clean_accuracy)
     return table

@@ -4,14 +4,10 @@ A black-white trigger is a 9-bit pattern (most significant bit top-left, row-maj
 value in R, G, B). Two patterns are the same trigger when a rotation, a flip, a colour
 inversion, or a combination maps one onto the other; the 512 patterns fall into 51 such
 classes, each named by its smallest member (section 4.3 of the paper).
-Triggers live in pixel space [0, 1]; `apply_trigger` normalises them like the images and
-writes them over the (normalised) images, one position per image.
+Triggers and images live in pixel space [0, 1]; `apply_trigger` writes triggers over images,
+one position per image (the classifier normalises what it is given).
 """
 import torch
-
-from .data import STATS
-
-_CIFAR10_MEAN, _CIFAR10_STD = (torch.tensor(s) for s in STATS["cifar10"])
 
 
 def pattern_from_id(trigger_id: int) -> torch.Tensor:
@@ -78,11 +74,11 @@ def random_positions(n, image_size, trigger_size, device=None, generator=None) -
     return (torch.rand(n, 2, device=device, generator=generator) * high).long()
 
 
-def apply_trigger(images, triggers, positions=None, generator=None, mean=None, std=None):
-    """Paste triggers over normalised images, one top-left corner per image.
+def apply_trigger(images, triggers, positions=None, generator=None):
+    """Paste triggers over images, one top-left corner per image.
 
-    images: float (N, C, H, W), normalised with `mean`/`std` ((C,), default CIFAR-10's).
-    triggers: float in pixel space [0, 1], (C, h, w) for all images or (N, C, h, w) one each.
+    images: float (N, C, H, W) pixels in [0, 1].
+    triggers: float pixels in [0, 1], (C, h, w) for all images or (N, C, h, w) one each.
     positions: int (N, 2) of (row, column); None draws uniform corners with `generator`.
     Returns a new tensor; gradients flow to `triggers`.
     """
@@ -104,9 +100,7 @@ def apply_trigger(images, triggers, positions=None, generator=None, mean=None, s
                                        or (positions[:, 1] > width - w).any()):
         raise ValueError(f"positions must be (N, 2) corners with rows in 0..{height - h} and "
                          f"columns in 0..{width - w}, got shape {tuple(positions.shape)}")
-    mean = (_CIFAR10_MEAN if mean is None else mean).to(device).view(c, 1, 1)
-    std = (_CIFAR10_STD if std is None else std).to(device).view(c, 1, 1)
-    patch = ((triggers.to(device) - mean) / std).to(images.dtype)
+    patch = triggers.to(device, images.dtype)
     patch = patch.expand(n, c, h, w).permute(0, 2, 3, 1)                     # (N, h, w, C)
     rows = (positions[:, :1] + torch.arange(h, device=device))[:, :, None]   # (N, h, 1)
     cols = (positions[:, 1:] + torch.arange(w, device=device))[:, None, :]   # (N, 1, w)
@@ -118,18 +112,17 @@ def apply_trigger(images, triggers, positions=None, generator=None, mean=None, s
 class TriggerPaster:
     """A fixed trigger (C, h, w) in [0, 1], pasted at random positions; a trigger source."""
 
-    def __init__(self, trigger, mean=None, std=None):
-        self.trigger, self.mean, self.std = trigger, mean, std
+    def __init__(self, trigger):
+        self.trigger = trigger
 
     def __call__(self, images, generator=None):
-        return apply_trigger(images, self.trigger, generator=generator, mean=self.mean,
-                             std=self.std)
+        return apply_trigger(images, self.trigger, generator=generator)
 
 
 def poison(images, labels, source, rate, target=None, generator=None):
     """Apply `source` to each image with probability `rate`; relabel those to `target`.
 
-    source: a callable (images (M, C, H, W), generator) -> triggered images, e.g. a
+    source: a callable (pixels (M, C, H, W), generator) -> triggered pixels, e.g. a
     TriggerPaster or a sampler of generated triggers. target=None keeps the true labels
     (the defence's retraining). Returns new (images, labels) and the bool mask (N,) used.
     """

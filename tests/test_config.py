@@ -51,7 +51,7 @@ def test_overrides_top_level_and_dotted():
     ({"attack.poison_rate": 1.5}, "poison_rate"),
     ({"mesa.betas": [0.5, 1.2]}, "betas"),
     ({"amp": "maybe"}, "amp"),
-    ({"hp_seeds": 0}, "hp_seeds must be 1 or more"),
+    ({"study.seeds": 0}, "study.seeds must be 1 or more"),
 ])
 def test_bad_overrides_are_clear_errors(overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -81,9 +81,9 @@ INVALID = [
     ({"triggers": []}, "triggers must be a non-empty tuple of distinct values, each a "
                        "canonical trigger id"),
     ({"triggers": [170, 170]}, "got (170, 170): 170 repeats"),
-    ({"hp_beta": 1.0}, "hp_beta must be in (0, 1), got 1.0"),
-    ({"detection_threshold": 1.5}, "detection_threshold must be in (0, 1), got 1.5"),
-    ({"hp_samples": 1}, "hp_samples must be an integer >= 2, got 1"),
+    ({"study.beta": 1.0}, "study.beta must be in (0, 1), got 1.0"),
+    ({"detection.threshold": 1.5}, "detection.threshold must be in (0, 1), got 1.5"),
+    ({"study.samples": 1}, "study.samples must be an integer >= 2, got 1"),
     # top level
     ({"dataset": "mnist"}, "dataset must be one of 'cifar10', 'cifar100', got 'mnist'"),
     ({"train_subset": 50001}, "train_subset must be an integer in [0, 50000], got 50001"),
@@ -102,15 +102,21 @@ INVALID = [
     ({"device": ""}, "device must be 'auto' or a torch device"),
     ({"amp": "maybe"}, "amp must be one of 'auto', 'on', 'off', got 'maybe'"),
     ({"eval_batch_size": 0}, "eval_batch_size must be an integer >= 1, got 0"),
-    ({"detection_threshold": 0.0}, "detection_threshold must be in (0, 1), got 0.0"),
-    ({"detection_threshold": NAN}, "detection_threshold must be in (0, 1), got nan"),
-    ({"hp_trigger": 511}, "hp_trigger must be a canonical trigger id"),
-    ({"hp_alphas": []}, "hp_alphas must be a non-empty tuple, each >= 0 and finite, got ()"),
-    ({"hp_alphas": [0.1, -1.0]}, "hp_alphas[1] must be >= 0 and finite, got -1.0"),
-    ({"hp_alphas": [INF]}, "hp_alphas[0] must be >= 0 and finite, got inf"),
-    ({"hp_beta": 0.0}, "hp_beta must be in (0, 1), got 0.0"),
-    ({"viz_triggers": []}, "viz_triggers must be a non-empty tuple of distinct values"),
-    ({"viz_triggers": [170, 186, 170]}, "got (170, 186, 170): 170 repeats"),
+    ({"detection.threshold": 0.0}, "detection.threshold must be in (0, 1), got 0.0"),
+    ({"detection.threshold": NAN}, "detection.threshold must be in (0, 1), got nan"),
+    ({"detection.beta": 1.0}, "detection.beta must be in (0, 1), got 1.0"),
+    ({"study.trigger": 511}, "study.trigger must be a canonical trigger id"),
+    ({"study.alphas": []}, "study.alphas must be a non-empty tuple of distinct values, each "
+                        ">= 0 and finite, got ()"),
+    ({"study.alphas": [0.1, -1.0]}, "study.alphas[1] must be >= 0 and finite, got -1.0"),
+    ({"study.alphas": [INF]}, "study.alphas[0] must be >= 0 and finite, got inf"),
+    ({"study.beta": 0.0}, "study.beta must be in (0, 1), got 0.0"),
+    ({"visualization.triggers": [170, 170]}, "visualization.triggers must be a tuple of "
+                                             "distinct values, each a canonical trigger id"),
+    ({"visualization.triggers": [186]}, "visualization.triggers must be among triggers "
+                                        "(170, 0) (or () for all of them), got (186,): 186 is "
+                                        "not attacked in this run"),
+    ({"visualization.samples": 1}, "visualization.samples must be an integer >= 2, got 1"),
     # TrainConfig sections
     ({"clean.epochs": 0}, "clean.epochs must be an integer >= 1, got 0"),
     ({"defense.batch_size": 0}, "defense.batch_size must be an integer >= 1, got 0"),
@@ -146,8 +152,7 @@ INVALID = [
     ({"mesa.trigger_noise": -0.1}, "mesa.trigger_noise must be >= 0 and finite, got -0.1"),
     ({"mesa.mine_ema_rate": 0.0}, "mesa.mine_ema_rate must be in (0, 1], got 0.0"),
     ({"mesa.eval_samples": 1}, "mesa.eval_samples must be an integer >= 2, got 1"),
-    ({"detection.betas": [0.5, 0.8]}, "detection.betas must hold exactly one value"),
-    ({"hp_alphas": [0.0, 10.0]}, "hp_alphas must include mesa.alpha (0.1), the reference"),
+    ({"study.alphas": [0.0, 10.0]}, "study.alphas must include mesa.alpha (0.1), the reference"),
     # baseline and Neural Cleanse
     ({"baseline.starts": 0}, "baseline.starts must be an integer >= 1, got 0"),
     ({"baseline.steps": 0}, "baseline.steps must be an integer >= 1, got 0"),
@@ -188,7 +193,8 @@ def test_configs_built_directly_reject_bools_and_lists():
         (dataclasses.replace(cfg, save_retrained=1), "save_retrained must be True or False"),
         (dataclasses.replace(cfg, profile="fast"), "profile must be one of 'smoke', 'quick', "
                                                    "'paper', got 'fast'"),
-        (dataclasses.replace(cfg, hp_beta="0.8"), "hp_beta must be in (0, 1), got '0.8'"),
+        (dataclasses.replace(cfg, study=dataclasses.replace(cfg.study, beta="0.8")),
+         "study.beta must be in (0, 1), got '0.8'"),
     ]:
         with pytest.raises(ValueError) as error:
             validate(broken)
@@ -215,7 +221,8 @@ def test_every_config_field_has_a_rule():
         assert set(rules) <= names, f"rules for no field of {owner.__name__}: " \
                                     f"{sorted(set(rules) - names)}"
     names = {name for name, _, _ in leaves}
-    assert {"seed", "attack.lr", "detection.betas", "neural_cleanse.patience"} <= names
+    assert {"seed", "attack.lr", "detection.beta", "mesa.steps", "study.seeds",
+            "visualization.triggers", "neural_cleanse.patience"} <= names
     assert not names & {"clean", "mesa", "baseline"}     # sections are walked, not leaves
 
 
@@ -235,10 +242,11 @@ def test_every_profile_passes_every_rule(profile):
     {"attack.poison_rate": 1.0, "clean.momentum": 0.0, "attack.momentum": 0.0},
     {"device": "cuda:1"},               # whether CUDA exists is checked when it is used
     {"dataset": "cifar100", "target": 99, "train_subset": 50000, "test_subset": 0},
-    {"mesa.noise_dim": 4, "mesa.batch_size": 2, "hp_samples": 2, "hp_alphas": [0],
+    {"mesa.noise_dim": 4, "mesa.batch_size": 2, "study.samples": 2, "study.alphas": [0],
      "mesa.alpha": 0.0},
     {"mesa.mine_ema_rate": 1.0, "neural_cleanse.asr_threshold": 1.0, "mesa.alpha": 0.0},
     {"eval_size": 767, "seed": 0, "mesa.adam_betas": [0, 0.999]},
+    {"visualization.triggers": [], "visualization.samples": 2},     # () = every trigger
 ])
 def test_values_at_the_limits_are_accepted(overrides):
     make_config("smoke", **overrides)

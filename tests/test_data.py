@@ -12,7 +12,7 @@ from PIL import Image
 
 from mesa_utils import data as data_module
 from mesa_utils.data import (STATS, DataError, Loader, augment, content_fingerprint,
-                             load_cifar, normalize, split_test)
+                             load_cifar, split_test, to_pixels)
 
 RNG = np.random.default_rng(0)
 # (train, test) images per class of the generated stand-ins.
@@ -254,12 +254,13 @@ def test_split_test_is_seeded_disjoint_and_complete():
     assert torch.equal(defense, again) and not torch.equal(defense, other)
 
 
-def test_normalize_is_channels_last_and_standardised():
-    images = torch.full((2, 32, 32, 3), 255, dtype=torch.uint8)
-    mean, std = (torch.tensor(s) for s in STATS["cifar10"])
-    x = normalize(images, mean, std)
+def test_to_pixels_is_channels_last_in_the_unit_range():
+    images = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
+    images[1, 4, 5] = torch.tensor([255, 51, 0], dtype=torch.uint8)
+    x = to_pixels(images)
     assert x.shape == (2, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last)
-    assert torch.allclose(x[0, :, 0, 0], (1 - mean) / std)
+    assert torch.allclose(x[1, :, 4, 5], torch.tensor([1.0, 0.2, 0.0]))
+    assert x.sum() == pytest.approx(1.2)
 
 
 def test_augment_returns_shifted_or_flipped_crops():
@@ -274,9 +275,8 @@ def test_augment_returns_shifted_or_flipped_crops():
 
 def test_loader_visits_each_image_once_per_epoch():
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 32, 32, 3)
-    loader = Loader(images.contiguous(), torch.arange(10), torch.zeros(3), torch.ones(3) / 255,
-                    batch_size=4, shuffle=True, seed=0)
+    loader = Loader(images.contiguous(), torch.arange(10), batch_size=4, shuffle=True, seed=0)
     assert len(loader) == 3
     labels = torch.cat([y for _, y in loader])
     assert sorted(labels.tolist()) == list(range(10))
-    assert all(torch.allclose(x[:, 0, 0, 0], y.float(), atol=1e-4) for x, y in loader)
+    assert all(torch.allclose(x[:, 0, 0, 0] * 255, y.float(), atol=1e-4) for x, y in loader)

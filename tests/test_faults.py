@@ -16,7 +16,6 @@ from mesa_utils import store as store_module
 from mesa_utils.config import BaselineConfig, MesaConfig, NeuralCleanseConfig, TrainConfig
 from mesa_utils.defense import neural_cleanse, reverse_triggers
 from mesa_utils.mesa import Member, mesa_bank
-from mesa_utils.models import ResNet18
 from mesa_utils.store import NonFiniteError, StaleCacheError, Store, atomic_write
 from mesa_utils.train import (CHECK_EVERY, FiniteGuard, attack_stats, backdoored_model, fit,
                               original_source)
@@ -58,7 +57,7 @@ def test_guard_checks_the_final_parameters():
 def test_diverged_fit_names_the_stage_step_and_setting(toy_ctx):
     with pytest.raises(NonFiniteError, match=r"attack 170: the loss became non-finite .* "
                                              r"Lower attack.lr \(now 1e\+30\)"):
-        fit(toy_ctx, ResNet18(3, 4), toy_ctx.splits.train_images, toy_ctx.splits.train_labels,
+        fit(toy_ctx, toy_ctx.new_classifier(), toy_ctx.splits.train_images, toy_ctx.splits.train_labels,
             TrainConfig(epochs=1, batch_size=8, lr=1e30), "attack", desc="attack 170")
 
 
@@ -98,7 +97,7 @@ def test_a_broken_model_is_not_scored(toy_ctx):
     assert int(torch.tensor([[float("nan")] * 3]).argmax(1)) == 0
     with pytest.raises(NonFiniteError, match="softmax is NaN or inf on 64 of 64 images"):
         attack_stats(toy_ctx, NaNModel(), toy_ctx.splits.eval_images,
-                     toy_ctx.splits.eval_labels, original_source(toy_ctx, 170), target=0)
+                     toy_ctx.splits.eval_labels, original_source(170), target=0)
 
 
 # ---------------------------------------------------------------------------------------------

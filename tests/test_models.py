@@ -1,18 +1,36 @@
 import torch
 
+from mesa_utils.data import STATS
 from mesa_utils.models import GeneratorBank, ResNet18, StatisticsBank, frozen
+
+CIFAR10 = STATS["cifar10"]
 
 
 def test_resnet18_shapes_and_width():
     for width, classes in ((4, 10), (8, 100)):
-        model = ResNet18(classes, width)
+        model = ResNet18(classes, width, *CIFAR10)
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, classes)
         assert model.head.in_features == 8 * width
-    assert sum(p.numel() for p in ResNet18(10, 64).parameters()) == 11_173_962  # the paper's
+    assert sum(p.numel() for p in ResNet18(10, 64, *CIFAR10).parameters()) == 11_173_962  # the paper's
+
+
+def test_resnet18_normalises_its_pixels_with_the_given_statistics():
+    # The classifier is the one place that normalises: its stem sees (x - mean) / std, and
+    # the statistics are not part of its weights (a state dict loads across data sets).
+    torch.manual_seed(0)
+    cifar100 = STATS["cifar100"]
+    model = ResNet18(100, 4, *cifar100).eval()
+    pixels = torch.rand(2, 3, 32, 32)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in cifar100)
+    plain = ResNet18(100, 4, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)).eval()
+    plain.load_state_dict(model.state_dict())
+    assert "mean" not in model.state_dict()
+    assert torch.allclose(model(pixels), plain((pixels - mean) / std), atol=1e-5)
+    assert not torch.allclose(model(pixels), plain(pixels), atol=1e-3)
 
 
 def test_frozen_model_accumulates_no_parameter_gradients():
-    model = frozen(ResNet18(10, 4))
+    model = frozen(ResNet18(10, 4, *CIFAR10))
     x = torch.randn(2, 3, 32, 32, requires_grad=True)
     model(x).sum().backward()
     assert x.grad is not None and all(p.grad is None for p in model.parameters())

@@ -5,11 +5,11 @@ import dataclasses
 import pytest
 import torch
 
-from mesa_utils.config import make_config
+from mesa_utils.config import GeneratorConfig, make_config
 from mesa_utils.defense import retrain
 from mesa_utils.mesa import Member, bank_spec
 from mesa_utils.store import StaleCacheError, Store, spec_key
-from mesa_utils.train import backdoor_spec, clean_spec
+from mesa_utils.train import Backdoor, backdoor_spec, clean_spec
 
 
 def _changed(value):
@@ -62,15 +62,22 @@ def test_clean_and_backdoor_keys_change_with_the_data_fingerprint(toy_ctx):
     assert spec_key(backdoor_spec(other, 170)) != spec_key(backdoor_spec(toy_ctx, 170))
 
 
-def test_bank_key_changes_with_every_mesa_hyperparameter_and_member():
+def test_bank_key_changes_with_every_training_field_and_member_but_not_detection_threshold():
     cfg = make_config("smoke")
     members = [Member(0.8, 0.1, 0)]
-    base = spec_key(bank_spec("parent", members, cfg.mesa, [0]))
+    base = spec_key(bank_spec("parent", members, cfg.mesa))
+    training = {f.name for f in dataclasses.fields(GeneratorConfig)}
     for name, mcfg in _variants(cfg.mesa):
-        assert spec_key(bank_spec("parent", members, mcfg, [0])) != base, name
-    assert spec_key(bank_spec("other", members, cfg.mesa, [0])) != base
-    assert spec_key(bank_spec("parent", [Member(0.9, 0.1, 0)], cfg.mesa, [0])) != base
-    assert spec_key(bank_spec("parent", members, cfg.mesa, [1])) != base
+        moved = spec_key(bank_spec("parent", members, mcfg)) != base
+        # alpha and betas reach a bank through its members, not through the section
+        assert moved == (name in training), name
+    assert spec_key(bank_spec("other", members, cfg.mesa)) != base
+    assert spec_key(bank_spec("parent", [Member(0.9, 0.1, 0)], cfg.mesa)) != base
+    assert spec_key(bank_spec("parent", [Member(0.8, 0.1, 0, seed=1)], cfg.mesa)) != base
+    # the detection threshold is applied to a trained bank's ASR: it never retrains it
+    detection = spec_key(bank_spec("parent", members, cfg.detection))
+    stricter = dataclasses.replace(cfg.detection, threshold=0.9)
+    assert spec_key(bank_spec("parent", members, stricter)) == detection
 
 
 def test_defense_key_changes_with_every_retraining_hyperparameter(toy_ctx, monkeypatch):
@@ -79,12 +86,14 @@ def test_defense_key_changes_with_every_retraining_hyperparameter(toy_ctx, monke
     def record_key(self, kind, spec, build):
         seen.append(spec_key(spec))
     monkeypatch.setattr(Store, "get_or_build", record_key)
-    retrain(toy_ctx, 170, None, {"kind": "x"})
+    backdoor = Backdoor(170, 0, "parent", {})
+    retrain(toy_ctx, backdoor, None, {"kind": "x"})
     for name, defense in _variants(toy_ctx.cfg.defense):
         retrain(dataclasses.replace(toy_ctx, cfg=dataclasses.replace(toy_ctx.cfg, defense=defense)),
-                170, None, {"kind": "x"})
-    retrain(toy_ctx, 170, None, {"kind": "y"})
-    retrain(toy_ctx, 170, None, {"kind": "x"}, seed=5)
+                backdoor, None, {"kind": "x"})
+    retrain(toy_ctx, backdoor, None, {"kind": "y"})
+    retrain(toy_ctx, backdoor, None, {"kind": "x"}, seed=5)
+    retrain(toy_ctx, Backdoor(170, 0, "other parent", {}), None, {"kind": "x"})
     assert len(set(seen)) == len(seen)
 
 
