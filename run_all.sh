@@ -6,6 +6,9 @@
 #   ./run_all.sh --profile smoke|quick|paper [papermill options, e.g. -p seed 1 -y 'triggers: [170]']
 #   ./run_all.sh --only 03,04             only these notebooks, run in numeric order
 #   ./run_all.sh --test                   unit tests + every notebook under nbval (smoke profile)
+#   ./run_all.sh --refresh-notebooks      all notebooks, quick profile, then their outputs into the
+#                                         committed notebooks, stamped with the commit (which must
+#                                         hold all code: no uncommitted changes, no other options)
 #
 # Executed notebooks are kept in data/runs/<profile>/; figures and CSV tables go to
 # figures/<profile>/ (with overrides: figures/<profile>-<config hash>/), each notebook's with its
@@ -17,6 +20,7 @@ VENV=${MESA_VENV:-$ROOT/.venv}
 PROFILE=quick
 PROFILE_GIVEN=0
 MODE=run
+REFRESH=0
 ONLY=
 ONLY_GIVEN=0
 PASSTHROUGH=()
@@ -26,10 +30,11 @@ while (($#)); do
                    PROFILE=$2; PROFILE_GIVEN=1; shift 2 ;;
         --profile=*) PROFILE=${1#--profile=}; PROFILE_GIVEN=1; shift ;;
         --test) MODE=test; shift ;;
+        --refresh-notebooks) REFRESH=1; shift ;;
         --only) [[ $# -ge 2 ]] || { echo "error: --only needs notebook numbers separated by commas, e.g. --only 03,04" >&2; exit 2; }
                 ONLY=$2; ONLY_GIVEN=1; shift 2 ;;
         --only=*) ONLY=${1#--only=}; ONLY_GIVEN=1; shift ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) PASSTHROUGH+=("$1"); shift ;;
     esac
 done
@@ -43,6 +48,22 @@ if [[ $MODE == test && $ONLY_GIVEN == 1 ]]; then
 fi
 if [[ $MODE == test && $PROFILE_GIVEN == 1 && $PROFILE != smoke ]]; then
     echo "error: --test always uses the smoke profile; leave out --profile $PROFILE" >&2; exit 2
+fi
+
+# --refresh-notebooks commits the outputs as those of the quick profile of the code at HEAD:
+# whatever would make them the outputs of another config, or of uncommitted code, is refused here.
+CODE_PATHS=(mesa_utils notebooks requirements.txt run_all.sh)
+if [[ $REFRESH == 1 ]]; then
+    refuse() { echo "error: --refresh-notebooks $1" >&2; exit 2; }
+    [[ $MODE != test ]] || refuse "cannot be combined with --test"
+    [[ $ONLY_GIVEN == 0 ]] || refuse "runs every notebook; leave out --only $ONLY"
+    [[ $PROFILE == quick ]] || refuse "always uses the quick profile; leave out --profile $PROFILE"
+    (( ${#PASSTHROUGH[@]} == 0 )) || refuse "takes no papermill options (got: ${PASSTHROUGH[*]}): the committed outputs must be those of the quick profile as committed"
+    command -v git >/dev/null || refuse "needs git: the stamp names the commit whose code made the outputs"
+    git rev-parse --is-inside-work-tree >/dev/null 2>&1 || refuse "needs a git checkout: the stamp names the commit whose code made the outputs"
+    COMMIT=$(git rev-parse --verify --quiet HEAD) || refuse "needs a commit to stamp the outputs with; commit the code first"
+    changed=$(git status --porcelain -- "${CODE_PATHS[@]}")
+    [[ -z $changed ]] || refuse "$(printf 'needs a clean tree; commit your changes first: the stamp names the commit whose code made the outputs. Uncommitted:\n%s' "$changed")"
 fi
 
 # --- the notebooks to run (checked before the set-up, which can take minutes) -------------------
@@ -102,6 +123,8 @@ fi
 OUTDIR=data/runs/$PROFILE
 mkdir -p "$OUTDIR"
 START=$(date +%s)
+# tqdm honours TQDM_DISABLE: no progress bars in the outputs that get committed.
+if [[ $REFRESH == 1 ]]; then export TQDM_DISABLE=1; fi
 for nb in "${NOTEBOOKS[@]}"; do
     name=$(basename "$nb")
     # papermill writes to a partial file, moved onto $OUTDIR/$name only on success: a failed run
@@ -123,3 +146,13 @@ for nb in "${NOTEBOOKS[@]}"; do
     echo "=== $name done in $(( $(date +%s) - t0 )) s ==="
 done
 echo "all ${#NOTEBOOKS[@]} notebooks done in $(( $(date +%s) - START )) s; executed notebooks in $OUTDIR; each printed the figures/ folder it published to"
+[[ $REFRESH == 1 ]] || exit 0
+
+# --- --refresh-notebooks: the executed outputs into the committed notebooks -------------------
+# The run takes long: the stamp is true only if HEAD and the code are still those that ran.
+if [[ $(git rev-parse HEAD) != "$COMMIT" || -n $(git status --porcelain -- "${CODE_PATHS[@]}") ]]; then
+    echo "error: HEAD or the code changed during the run (it started at $COMMIT); the committed notebooks are left as they were. Run --refresh-notebooks again on a clean tree" >&2
+    exit 1
+fi
+python -m mesa_utils.committed refresh --executed-dir "$OUTDIR" --commit "$COMMIT" --profile quick "${NOTEBOOKS[@]}"
+echo "committed notebooks refreshed from $OUTDIR (stamp: profile quick, commit $COMMIT); review and commit them with figures/quick/"

@@ -129,3 +129,78 @@ def test_run_all_keeps_the_last_complete_notebook_when_a_run_fails(tmp_path):
     done = run_copy(tmp_path, venv, "--profile", "smoke")
     assert done.returncode == 0, done.stderr
     assert not partial.exists() and "smoke" in final.read_text()
+
+
+# --refresh-notebooks commits outputs as those of the quick profile at HEAD; these cases also run
+# with no Python to set up with, so a faulty script stops at once (exit 1) instead of running.
+NO_PYTHON = {**os.environ, "PYTHON": "no-such-python"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--test"], "--refresh-notebooks cannot be combined with --test"),
+    (["--only", "01"], "--refresh-notebooks runs every notebook; leave out --only 01"),
+    (["--profile", "smoke"], "--refresh-notebooks always uses the quick profile; leave out "
+                             "--profile smoke"),
+    (["-p", "seed", "1"], "--refresh-notebooks takes no papermill options (got: -p seed 1 "
+                          f"{STOP})"),
+])
+def test_run_all_refresh_rejects_options_that_change_the_outputs(args, message):
+    result = subprocess.run(["bash", str(RUN_ALL), "--refresh-notebooks", *args, STOP],
+                            capture_output=True, text=True, timeout=600, env=NO_PYTHON)
+    assert result.returncode == 2 and message in result.stderr
+
+
+def git(repo, *args):
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=Test", "-c",
+                    "user.email=test@example.com", "-c", "commit.gpgsign=false", *args],
+                   capture_output=True, text=True, check=True)
+
+
+def test_run_all_refresh_needs_the_code_committed(tmp_path):
+    repo_copy(tmp_path, {"01_tiny.ipynb": tiny_notebook()})
+    env = {**NO_PYTHON, "GIT_CEILING_DIRECTORIES": str(tmp_path.parent)}
+
+    def refresh():
+        return subprocess.run(["bash", str(tmp_path / "run_all.sh"), "--refresh-notebooks"],
+                              capture_output=True, text=True, timeout=600, env=env)
+    outside = refresh()
+    assert outside.returncode == 2
+    assert "--refresh-notebooks needs a git checkout" in outside.stderr
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", "run_all.sh", "requirements.txt", "notebooks")
+    git(tmp_path, "commit", "-q", "-m", "code")
+    clean = refresh()       # passes every check, then stops at the set-up: no Python
+    assert clean.returncode == 1 and "error: no-such-python not found" in clean.stderr
+    (tmp_path / "notebooks" / "01_tiny.ipynb").write_text(json.dumps(tiny_notebook(), indent=2))
+    (tmp_path / "mesa_utils").mkdir()
+    (tmp_path / "mesa_utils" / "new.py").write_text("")
+    dirty = refresh()
+    assert dirty.returncode == 2
+    assert ("--refresh-notebooks needs a clean tree; commit your changes first: the stamp names "
+            "the commit whose code made the outputs") in dirty.stderr
+    assert " M notebooks/01_tiny.ipynb" in dirty.stderr and "?? mesa_utils/" in dirty.stderr
+
+
+def test_run_all_refresh_puts_stamped_quick_outputs_into_the_committed_notebooks(tmp_path):
+    venv = ready_venv()
+    notebook = tiny_notebook()
+    notebook["cells"][0]["source"] = "profile = None"
+    notebook["cells"][1]["source"] = "import os\nprint(profile, os.environ.get('TQDM_DISABLE'))"
+    repo_copy(tmp_path, {"01_tiny.ipynb": notebook})
+    shutil.copytree(REPO / "mesa_utils", tmp_path / "mesa_utils",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / ".gitignore").write_text("/data/\n")
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", ".")
+    git(tmp_path, "commit", "-q", "-m", "code")
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    result = run_copy(tmp_path, venv, "--refresh-notebooks")
+    assert result.returncode == 0, result.stderr
+    committed = json.loads((tmp_path / "notebooks" / "01_tiny.ipynb").read_text())
+    assert [c["source"] for c in committed["cells"]] == [c["source"] for c in notebook["cells"]]
+    assert committed["cells"][1]["outputs"][0]["text"] == ["quick 1\n"]   # no progress bars
+    stamp = committed["metadata"]["mesa_outputs"]
+    assert (stamp["profile"], stamp["commit"]) == ("quick", head)
+    from mesa_utils.committed import stamp_problems
+    assert stamp_problems(committed, repo=tmp_path) == []
