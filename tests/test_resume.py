@@ -16,7 +16,7 @@ STAGE = """
 import os, signal, sys
 import torch
 from mesa_utils.config import make_config
-from mesa_utils.train import attack_table, setup
+from mesa_utils.train import attack_table, backdoored_model, setup
 
 table, kill_at = sys.argv[1], int(sys.argv[2])
 real_save, calls = torch.save, []
@@ -30,7 +30,8 @@ def save_or_die(obj, f, *args, **kwargs):
     return real_save(obj, f, *args, **kwargs)
 
 torch.save = save_or_die
-attack_table(setup(make_config("smoke", device="cpu"))).to_csv(table, index=False)
+ctx = setup(make_config("smoke", device="cpu"))
+attack_table(ctx, [backdoored_model(ctx, t) for t in ctx.cfg.triggers]).to_csv(table, index=False)
 """
 
 
