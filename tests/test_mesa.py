@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mesa_utils import mesa
-from mesa_utils.config import MesaConfig, make_config
+from mesa_utils.config import MesaConfig
 from mesa_utils.analysis import spread
 from mesa_utils.mesa import (GeneratorSampler, Member, dv_bound, entropy_weights, evaluate_bank,
                              hyperparameter_study, mesa_bank, mine_step, study_members,
