@@ -38,7 +38,10 @@ class GeneratorConfig:
     noise_dim: int = 64             # uniform [0,1) noise, injected in 4 chunks
     hidden: int = 512               # 2048 for CIFAR-100 in the paper
     trigger_noise: float = 0.1      # std of Gaussian noise on triggers in the F term
-    mine_ema_rate: float = 0.001    # MINE's moving-average bias correction for T
+    # MINE's moving-average bias correction for T. The authors used 0.001, which over their 620
+    # steps still weights the first step's value by 0.999**620 = 54% at the end: a stale
+    # constant, not a running average. 0.01 (MINE's usual rate) leaves 0.2%; see mine_staleness.
+    mine_ema_rate: float = 0.01
     eval_samples: int = 2000        # triggers sampled to measure a generator's ASR
 
 
@@ -65,6 +68,9 @@ class StudyConfig:
     beta: float = 0.8
     samples: int = 2000             # sampled triggers per setting for the measures and figures
     seeds: int = 3                  # every setting trained from this many seeds
+    validity_samples: int = 256     # triggers per sub-model in the validity matrix
+    validity_images: int = 64       # held-out images (outside the target) F averages over
+    neighbours: int = 3             # k of the k-NN overlap and entropy measures
 
 
 @dataclass(frozen=True)
@@ -133,9 +139,10 @@ def _smoke() -> Config:
         triggers=(170, 0), visualization=VisualizationConfig(triggers=(170,), samples=64),
         clean=TrainConfig(epochs=1, lr=0.05, schedule="onecycle", augment=True, **tiny),
         attack=TrainConfig(epochs=1, lr=1e-2, poison_rate=0.2, **tiny),
-        mesa=MesaConfig(steps=6, batch_size=16, hidden=32, eval_samples=64),
-        detection=DetectionConfig(steps=6, batch_size=16, hidden=32, eval_samples=64),
-        study=StudyConfig(samples=64),
+        mesa=MesaConfig(steps=6, batch_size=16, hidden=32, eval_samples=64, mine_ema_rate=0.5),
+        detection=DetectionConfig(steps=6, batch_size=16, hidden=32, eval_samples=64,
+                                  mine_ema_rate=0.5),
+        study=StudyConfig(samples=64, validity_samples=16, validity_images=8),
         defense=TrainConfig(epochs=1, lr=1e-2, poison_rate=0.1, **tiny),
         baseline=BaselineConfig(starts=2, steps=5, batch_size=16),
         neural_cleanse=NeuralCleanseConfig(steps=10, batch_size=16, check_every=5, patience=1),
@@ -152,9 +159,10 @@ def _quick() -> Config:
         clean=TrainConfig(epochs=8, batch_size=256, lr=0.2, nesterov=True, weight_decay=5e-4,
                           schedule="onecycle", label_smoothing=0.1, augment=True),
         attack=TrainConfig(epochs=1, lr=1e-2, poison_rate=0.1),
-        mesa=MesaConfig(steps=300, batch_size=64, lr=5e-4, hidden=256, eval_samples=1000),
+        mesa=MesaConfig(steps=300, batch_size=64, lr=5e-4, hidden=256, eval_samples=1000,
+                        mine_ema_rate=0.02),
         detection=DetectionConfig(steps=200, batch_size=32, lr=5e-4, hidden=256,
-                                  eval_samples=500),
+                                  eval_samples=500, mine_ema_rate=0.02),
         study=StudyConfig(samples=1000),
         defense=TrainConfig(epochs=4, lr=1e-3, poison_rate=0.1),
         baseline=BaselineConfig(starts=3),
@@ -456,6 +464,9 @@ STUDY_RULES = {
     "seeds": Range(low=1, integer=True,
                    why="each Fig. 3 setting is trained from study.seeds seeds, so study.seeds "
                        "must be 1 or more"),
+    "validity_samples": COUNT,
+    "validity_images": COUNT,
+    "neighbours": COUNT,                    # and below study.samples: across fields
 }
 
 VISUALIZATION_RULES = {
@@ -518,6 +529,18 @@ def _check_fields(obj, prefix):
                               f"RULES[{type(obj).__name__}] in mesa_utils/config.py")
 
 
+# The share of MINE's moving average still resting on the first step's value at the end of
+# training, (1 - rate) ** steps, may be at most this: above it the bias correction is a stale
+# constant (quick's old 0.001 over 300 steps kept 74%).
+MINE_STALENESS_LIMIT = 0.05
+
+
+def mine_staleness(rate: float, steps: int) -> float:
+    """Weight (0-1] that MINE's moving average puts on its first value after `steps` updates
+    at `rate`: (1 - rate) ** steps."""
+    return (1 - rate) ** steps
+
+
 def _check_across_fields(cfg: Config) -> None:
     """Limits that depend on another field or on which section a dataclass fills."""
     num_classes = 10 if cfg.dataset == "cifar10" else 100
@@ -547,6 +570,22 @@ def _check_across_fields(cfg: Config) -> None:
     if not cfg.attack.poison_rate > 0:
         raise ValueError(f"attack.poison_rate must be in (0, 1] (an attack without poison "
                          f"plants nothing), got {cfg.attack.poison_rate!r}")
+
+    for section in ("mesa", "detection"):
+        gen = getattr(cfg, section)
+        stale = mine_staleness(gen.mine_ema_rate, gen.steps)
+        if stale > MINE_STALENESS_LIMIT:
+            needed = 1 - MINE_STALENESS_LIMIT ** (1 / gen.steps)
+            raise ValueError(
+                f"{section}.mine_ema_rate must be >= {needed:.3g} for {section}.steps = "
+                f"{gen.steps}, got {gen.mine_ema_rate:g}: MINE's moving average would still "
+                f"weight its first value by {100 * stale:.0f}% at the end of training (at most "
+                f"{100 * MINE_STALENESS_LIMIT:g}% allowed), a stale constant instead of a "
+                f"running correction. Raise the rate or the steps.")
+
+    if cfg.study.neighbours >= cfg.study.samples:
+        raise ValueError(f"study.neighbours must be an integer in [1, {cfg.study.samples - 1}] "
+                         f"(below study.samples), got {cfg.study.neighbours}")
 
     # Fig. 3 compares every alpha and every seed with the reference setting (mesa.alpha at
     # study.beta): it must be one of the swept alphas, or notebook 03 fails after training.

@@ -152,6 +152,16 @@ INVALID = [
     ({"mesa.trigger_noise": -0.1}, "mesa.trigger_noise must be >= 0 and finite, got -0.1"),
     ({"mesa.mine_ema_rate": 0.0}, "mesa.mine_ema_rate must be in (0, 1], got 0.0"),
     ({"mesa.eval_samples": 1}, "mesa.eval_samples must be an integer >= 2, got 1"),
+    ({"mesa.mine_ema_rate": 0.01}, "mesa.mine_ema_rate must be >= 0.393 for mesa.steps = 6, "
+                                   "got 0.01: MINE's moving average would still weight its "
+                                   "first value by 94% at the end of training"),
+    ({"detection.steps": 300, "detection.mine_ema_rate": 0.001},   # quick's old setting
+     "detection.mine_ema_rate must be >= 0.00994 for detection.steps = 300, got 0.001: "
+     "MINE's moving average would still weight its first value by 74%"),
+    ({"study.neighbours": 64}, "study.neighbours must be an integer in [1, 63] (below "
+                               "study.samples), got 64"),
+    ({"study.validity_images": 0}, "study.validity_images must be an integer >= 1, got 0"),
+    ({"study.validity_samples": 0}, "study.validity_samples must be an integer >= 1, got 0"),
     ({"study.alphas": [0.0, 10.0]}, "study.alphas must include mesa.alpha (0.1), the reference"),
     # baseline and Neural Cleanse
     ({"baseline.starts": 0}, "baseline.starts must be an integer >= 1, got 0"),
@@ -242,8 +252,8 @@ def test_every_profile_passes_every_rule(profile):
     {"attack.poison_rate": 1.0, "clean.momentum": 0.0, "attack.momentum": 0.0},
     {"device": "cuda:1"},               # whether CUDA exists is checked when it is used
     {"dataset": "cifar100", "target": 99, "train_subset": 50000, "test_subset": 0},
-    {"mesa.noise_dim": 4, "mesa.batch_size": 2, "study.samples": 2, "study.alphas": [0],
-     "mesa.alpha": 0.0},
+    {"mesa.noise_dim": 4, "mesa.batch_size": 2, "study.samples": 2, "study.neighbours": 1,
+     "study.alphas": [0], "mesa.alpha": 0.0},
     {"mesa.mine_ema_rate": 1.0, "neural_cleanse.asr_threshold": 1.0, "mesa.alpha": 0.0},
     {"eval_size": 767, "seed": 0, "mesa.adam_betas": [0, 0.999]},
     {"visualization.triggers": [], "visualization.samples": 2},     # () = every trigger
