@@ -1,6 +1,6 @@
 """Measures, tables and checks computed on the stages' results (the method is in mesa.py and
-defense.py): spread and distinct triggers of sample sets, coverage of one set by another,
-2-D embeddings, the Fig. 3 claims, the detection and defence summaries beside the paper's
+defense.py): spread, distinct triggers and k-NN entropy of sample sets, the k-NN overlap of
+one set with another, 2-D embeddings, the validity matrix and the Fig. 3 claims, the detection and defence summaries beside the paper's
 numbers, and each notebook's healthy-run check.
 
 Sample sets are tensors (n, ...) of triggers in [0, 1]; tables are pandas DataFrames.
@@ -16,7 +16,7 @@ from .intervals import bootstrap_interval
 
 
 # ---------------------------------------------------------------------------------------------
-# Sample sets: spread, distinct triggers, coverage, embeddings
+# Sample sets: spread, distinct triggers, entropy, overlap, embeddings
 
 def spread(samples: torch.Tensor) -> float:
     """Total variance (trace of the covariance) of flattened samples (n, ...): how widely a
@@ -42,15 +42,66 @@ def distinct_triggers(samples: torch.Tensor, radius: float = 0.5) -> int:
     return len(thin(samples.flatten(1).double().cpu().numpy(), radius))
 
 
-def coverage(inner: torch.Tensor, outer: torch.Tensor, quantile: float = 0.95) -> float:
-    """Share of `inner` samples (n, ...) lying within the `quantile` of `outer`'s own
-    nearest-neighbour distances from some `outer` sample: ~1 when inner's set is inside
-    outer's (the staircase nesting X_(i+1) within X_i), lower when it reaches beyond."""
-    a, b = inner.flatten(1).double(), outer.flatten(1).double()
-    within = torch.cdist(b, b)
+def neighbour_distances(points: torch.Tensor, k: int) -> torch.Tensor:
+    """Distance (n,) of each of `points` (n, d) to its k-th nearest other point."""
+    if not 1 <= k < len(points):
+        raise ValueError(f"k-th neighbour needs 1 <= k < n points, got k={k}, n={len(points)}")
+    within = torch.cdist(points, points)
     within.fill_diagonal_(float("inf"))
-    radius = torch.quantile(within.min(1).values, quantile)
-    return float((torch.cdist(a, b).min(1).values <= radius).double().mean())
+    return within.kthvalue(k, 1).values
+
+
+def manifold_share(points: torch.Tensor, support: torch.Tensor, k: int = 3) -> float:
+    """Share (0-1) of `points` (n, ...) inside `support`'s k-NN manifold: the union of balls
+    around each support sample reaching its k-th nearest support neighbour (Kynkaanniemi et
+    al., NeurIPS 2019: precision of a generated set G against reference R is
+    manifold_share(G, R), recall manifold_share(R, G)).
+
+    Its scale is set by yardsticks, not by theory: a second draw of the same distribution
+    scores high but below 1, lower in more dimensions and higher for larger k (1,000 points,
+    k = 3: 0.97 in 2-D, 0.70 in 27-d); disjoint sets score 0; a set inside a wider one scores
+    ~1 one way and about the volume ratio the other way (tests/test_analysis.py)."""
+    a, b = points.flatten(1).double(), support.flatten(1).double()
+    radii = neighbour_distances(b, k)
+    return float((torch.cdist(a, b) <= radii).any(1).double().mean())
+
+
+# Distances below this count as this in knn_entropy: 0.001 in L2 over a trigger's 27 values
+# is far below one grey level (1/255 = 0.004), so samples closer than it are the same trigger.
+ENTROPY_RESOLUTION = 1e-3
+
+
+def knn_entropy(samples: torch.Tensor, k: int = 3, resolution: float = ENTROPY_RESOLUTION):
+    """Kozachenko-Leonenko estimate of the differential entropy (nats) of samples (n, ...):
+
+        h = psi(n) - psi(k) + log V_d + d * mean_i log eps_i
+
+    with eps_i the distance to the k-th nearest other sample, V_d the volume of the unit ball
+    in d dimensions. Unlike counts of distinct triggers it does not grow with n (it
+    converges). For triggers in [0, 1]^d, 0 nats is the uniform distribution over the whole
+    cube and every other distribution scores below 0 (up to the estimator's bias near the
+    cube's faces, where neighbours are missing: +0.1 nats for 3,000 uniform points in 3-D;
+    the bias is shared by sets compared at the same n and d); a generator collapsed onto a few
+    points scores near the floor d * log(resolution) + const (distances below `resolution`
+    count as `resolution`, so repeated points give a finite floor, not -inf)."""
+    flat = samples.flatten(1).double()
+    n, d = flat.shape
+    eps = neighbour_distances(flat, k).clamp(min=resolution)
+    log_unit_ball = 0.5 * d * math.log(math.pi) - math.lgamma(0.5 * d + 1)
+    return float(_digamma(n) - _digamma(k) + log_unit_ball + d * eps.log().mean())
+
+
+def _digamma(m: int) -> float:
+    """psi(m) for a positive integer m: the harmonic number H_(m-1) minus Euler's gamma."""
+    return sum(1 / i for i in range(1, m)) - 0.5772156649015329
+
+
+def distinct_curve(samples: torch.Tensor, sizes, radii) -> pd.DataFrame:
+    """distinct_triggers of the first n samples for each n of `sizes` and each radius: rows
+    (n, radius, distinct). A generator that collapses stops adding distinct triggers as n
+    grows; one that spreads keeps adding them until its set is filled at that radius."""
+    return pd.DataFrame([{"n": n, "radius": r, "distinct": distinct_triggers(samples[:n], r)}
+                         for n in sizes for r in radii])
 
 
 def pca_2d(groups):
@@ -74,11 +125,28 @@ def tsne_2d(samples: torch.Tensor, seed: int = 0) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Fig. 3: the staircase comparisons and the paper's claims (notebook 03)
 
-def nesting_pairs(cfg, members) -> list:
-    """(comparison, inner, outer) Members of a study bank to compare: per seed, each beta of
-    mesa.betas inside the next lower one ("staircase"); and the reference setting
-    (mesa.alpha at study.beta) of a later seed inside an earlier one's ("same setting, other
-    seed": identical valid sets, the yardstick)."""
+def validity_table(softmax: dict, betas) -> pd.DataFrame:
+    """The validity matrix V as tidy rows: for each sub-model j (softmax: {Member: (n,) F of
+    its n sampled triggers}) and each threshold beta_i of `betas`, the share of its samples
+    with F > beta_i. Columns: member, alpha, beta (the sub-model's), seed, threshold, valid.
+
+    Where threshold == beta the value is the sub-model's precision (its samples inside its
+    own valid set); a lower-beta sub-model's row at a higher threshold says how much of it
+    lies in that threshold's valid set; its precision minus that is the share in the band
+    between the two betas, which the higher one excludes."""
+    return pd.DataFrame([{"member": m.label(), "alpha": m.alpha, "beta": m.beta,
+                          "seed": m.seed, "threshold": t,
+                          "valid": float((torch.as_tensor(f) > t).double().mean())}
+                         for m, f in softmax.items() for t in sorted(betas)])
+
+
+def overlap_pairs(cfg, members) -> list:
+    """(comparison, inner, outer) Members of a study bank to compare with manifold_share:
+    - "staircase": per seed, each beta of mesa.betas (at mesa.alpha) against the next lower;
+    - "second draw": per seed, each of those sub-models against a second draw of itself
+      (inner is outer): the yardstick of an identical distribution;
+    - "other seed": the reference setting (mesa.alpha, study.beta) of a later seed against
+      an earlier one's: identical valid sets, generators trained apart."""
     alpha, betas = cfg.mesa.alpha, sorted(cfg.mesa.betas)
     seeds = sorted({m.seed for m in members})
 
@@ -87,49 +155,68 @@ def nesting_pairs(cfg, members) -> list:
 
     pairs = [("staircase", member(high, s), member(low, s))
              for s in seeds for low, high in zip(betas, betas[1:])]
-    pairs += [("same setting, other seed", member(cfg.study.beta, t), member(cfg.study.beta, s))
+    pairs += [("second draw", member(b, s), member(b, s)) for s in seeds for b in betas]
+    pairs += [("other seed", member(cfg.study.beta, t), member(cfg.study.beta, s))
               for s, t in itertools.combinations(seeds, 2)]
     return pairs
 
 
-def nesting_table(pairs, samples: dict, planes: dict):
-    """DataFrame of `coverage` both ways for each (comparison, inner, outer) of `pairs`: in the
-    samples' own space (samples: {Member: (n, ...) tensor}) and, columns *_2d, in the 2-D
-    planes ({Member: (n, 2) array}, e.g. pca_2d's: what the eye judges in Fig. 3)."""
-    planes = {m: torch.as_tensor(p) for m, p in planes.items()}
-    return pd.DataFrame([{"comparison": kind, "inner": inner.label(), "outer": outer.label(),
-                          "inner_in_outer": coverage(samples[inner], samples[outer]),
-                          "outer_in_inner": coverage(samples[outer], samples[inner]),
-                          "inner_in_outer_2d": coverage(planes[inner], planes[outer]),
-                          "outer_in_inner_2d": coverage(planes[outer], planes[inner])}
-                         for kind, inner, outer in pairs])
+def overlap_table(pairs, samples: dict, redraws: dict, k: int = 3) -> pd.DataFrame:
+    """manifold_share both ways for each (comparison, inner, outer) of `pairs` (samples and
+    redraws: {Member: (n, ...)}, two independent draws; a member paired with itself is
+    compared with its redraw). inner_in_outer is inner's precision against outer's support,
+    outer_in_inner outer's: a set nested inside another scores high one way, lower the
+    other."""
+    rows = []
+    for kind, inner, outer in pairs:
+        a = redraws[inner] if inner == outer else samples[inner]
+        rows.append({"comparison": kind, "inner": inner.label(), "outer": outer.label(),
+                     "inner_in_outer": manifold_share(a, samples[outer], k),
+                     "outer_in_inner": manifold_share(samples[outer], a, k)})
+    return pd.DataFrame(rows)
 
 
-def hyperparameter_claims(cfg, settings, nesting):
+def hyperparameter_claims(cfg, settings, overlap, validity):
     """The paper's Fig. 3 claims checked on one run: DataFrame (claim, holds, cases), holds
     counting the seeds (or pairs) where the claim is true. settings: rows with seed, alpha,
-    beta, asr and distinct (distinct_triggers); nesting: a nesting_table."""
+    beta, asr, distinct (distinct_triggers) and entropy (knn_entropy); overlap: an
+    overlap_table; validity: a validity_table of the study's sub-models."""
     by_seed = settings.set_index(["seed", "alpha", "beta"])
 
     def column(name, alpha):   # per seed, at beta = study.beta
         return by_seed[name].xs((alpha, cfg.study.beta), level=["alpha", "beta"]).to_numpy()
 
     low, ref, high = min(cfg.study.alphas), cfg.mesa.alpha, max(cfg.study.alphas)
-    staircase = nesting[nesting.comparison == "staircase"]
-    other_seed = nesting[nesting.comparison != "staircase"]
+    betas = sorted(cfg.mesa.betas)
+    staircase = overlap[overlap.comparison == "staircase"]
+    second = overlap[overlap.comparison == "second draw"].set_index("outer")
+    other_seed = overlap[overlap.comparison == "other seed"]
+    # each staircase pair beside the yardstick of its outer (lower-beta) sub-model
+    yardstick = second.loc[staircase.outer, "inner_in_outer"].to_numpy()
+    # V at alpha = mesa.alpha. The band: the share of a lower-beta sub-model's samples valid
+    # for its own beta but not for the next higher one, beta_lo < F <= beta_hi.
+    v = validity[validity.alpha == ref].set_index(["seed", "beta", "threshold"]).valid
+    band = np.array([v[(s, lo, lo)] - v[(s, lo, hi)] for s in sorted(validity.seed.unique())
+                     for lo, hi in zip(betas, betas[1:])])
+    precision = np.array([v[(s, b, b)] for s in sorted(validity.seed.unique()) for b in betas])
     checks = {
-        f"alpha {low:g} narrower than alpha {ref:g} (fewer distinct triggers)":
-            column("distinct", low) < column("distinct", ref),
+        f"alpha {low:g} narrower than alpha {ref:g} (lower k-NN entropy)":
+            column("entropy", low) < column("entropy", ref),
         f"alpha {low:g} collapses (under a quarter of alpha {ref:g}'s distinct triggers)":
             column("distinct", low) < 0.25 * column("distinct", ref),
         f"alpha {high:g} loses ASR (over 10 points below alpha {ref:g})":
             column("asr", high) < column("asr", ref) - 0.1,
-        "higher-beta set leans inside the lower one (inner_in_outer > outer_in_inner)":
-            (staircase.inner_in_outer > staircase.outer_in_inner).to_numpy(),
-        "higher-beta set lies mostly inside the lower one (inner_in_outer > 0.5)":
-            (staircase.inner_in_outer > 0.5).to_numpy(),
-        "one setting from two seeds: either covers half the other (coverage > 0.5)":
-            (other_seed[["inner_in_outer", "outer_in_inner"]].max(axis=1) > 0.5).to_numpy(),
+        "every staircase sub-model mostly valid for its own beta (precision V[i, i] > 0.8)":
+            precision > 0.8,
+        "a lower-beta sub-model expands into the band between its beta and the next (> 10% "
+        "of its samples)": band > 0.1,
+        "the higher-beta samples lie in the lower-beta support as much as the lower's own "
+        "second draw (within 0.1)": staircase.inner_in_outer.to_numpy() >= yardstick - 0.1,
+        "the lower-beta set reaches beyond the higher (outer_in_inner < inner_in_outer)":
+            (staircase.outer_in_inner < staircase.inner_in_outer).to_numpy(),
+        "one setting from two seeds: overlap at least half the second-draw yardstick":
+            (other_seed[["inner_in_outer", "outer_in_inner"]].max(axis=1)
+             >= 0.5 * second.inner_in_outer.mean()).to_numpy(),
     }
     return pd.DataFrame([{"claim": claim, "holds": int(holds.sum()), "cases": len(holds)}
                          for claim, holds in checks.items()])
@@ -160,6 +247,7 @@ PAPER_RESULTS = {
     "mesa beta=0.8": "worst <= 9.1%",
     "mesa beta=0.9": "mean 3.4%, worst 5.9%",
     "mesa_mixture": "worst <= 9.1%",
+    "mesa_entropy_mixture": "(not in the paper's experiments)",
     "baseline": "2.4-51.4% over runs",
     "neural_cleanse": "(not in the paper)",
     "ideal": "mean 2.4%",
@@ -177,7 +265,7 @@ def summarize(df):
     between methods with as many runs (column `runs`)."""
     labelled = df.assign(label=[method_label(m, b) for m, b in zip(df.method, df.beta)])
     order = ["mesa beta=" + f"{b:g}" for b in sorted(df.beta.dropna().unique())]
-    order += ["mesa_mixture", "baseline", "neural_cleanse", "ideal"]
+    order += ["mesa_mixture", "mesa_entropy_mixture", "baseline", "neural_cleanse", "ideal"]
     before = df.drop_duplicates("trigger")
 
     def asr_columns(asr):

@@ -3,15 +3,16 @@
 Retraining (paper, eq. 5) fine-tunes the backdoored model on the defender's 8K split, pasting
 a trigger from the source on each image with probability r and keeping the TRUE labels, so the
 model unlearns the trigger -> target association. The sources compared in 04_defense:
-MESA sub-models (one per beta) and their uniform mixture; the baseline's single reversed
-trigger (raw 3x3 pixels optimised toward the target, several random starts); Neural Cleanse's
-reversed mask + pattern; and the original trigger itself (the ideal defence).
+MESA sub-models (one per beta), their uniform mixture and their mixture with Algorithm 1's
+weights; the baseline's single reversed trigger (raw 3x3 pixels optimised toward the target,
+several random starts); Neural Cleanse's reversed mask + pattern; and the original trigger
+itself (the ideal defence).
 """
+import warnings
 from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .analysis import method_label
 from .config import to_dict
@@ -19,7 +20,7 @@ from .data import to_pixels
 from .mesa import staircase_bank
 from .models import frozen
 from .train import (Backdoor, Context, FiniteGuard, attack_success_rate, autocast,
-                    clean_accuracy, eval_asr_interval, fit, state_dict_cpu)
+                    clean_accuracy, eval_asr_interval, fit, progress, state_dict_cpu)
 from .triggers import TriggerPaster, apply_trigger
 
 
@@ -40,7 +41,7 @@ def reverse_triggers(ctx: Context, classifier, target, bcfg, images, seed=0) -> 
     labels = torch.full((s * b,), target, device=device)
     guard = FiniteGuard("baseline reversal", bcfg.steps,
                         f"Lower baseline.lr (now {bcfg.lr:g}).", device)
-    for step in tqdm(range(bcfg.steps), desc="baseline reversal", leave=False):
+    for step in progress(range(bcfg.steps), "baseline reversal"):
         index = torch.randint(len(images), (s * b,), device=device, generator=generator)
         x = apply_trigger(to_pixels(images[index]), pixels.repeat_interleave(b, 0),
                           generator=generator)
@@ -107,7 +108,7 @@ def neural_cleanse(ctx: Context, classifier, ncfg, images, seed=0) -> dict:
     hits = torch.zeros(num_classes, device=device)
     guard = FiniteGuard("Neural Cleanse", ncfg.steps,
                         f"Lower neural_cleanse.lr (now {ncfg.lr:g}).", device)
-    for step in tqdm(range(ncfg.steps), desc="Neural Cleanse", leave=False):
+    for step in progress(range(ncfg.steps), "Neural Cleanse"):
         index = torch.randint(len(images), (num_classes * b,), device=device, generator=generator)
         x = to_pixels(images[index])
         mask = torch.tanh(mask_param) / 2 + 0.5                            # (C, 1, H, W)
@@ -208,8 +209,10 @@ def neural_cleanse_result(ctx: Context, backdoor: Backdoor) -> dict:
 def defense_sources(ctx: Context, backdoor: Backdoor) -> list:
     """Every trigger source of 04's comparison for one backdoored model, as (method, beta,
     start, source, source spec): mesa (one per beta of the staircase), mesa_mixture (uniform
-    gamma), baseline (one per start), neural_cleanse (its reversal for the target class),
-    ideal (the original trigger). The spec identifies the source in the retraining's key."""
+    gamma), mesa_entropy_mixture (Algorithm 1's gamma: mesa.entropy_weights; left out, with a
+    warning, when every sub-model is empty), baseline (one per start), neural_cleanse (its
+    reversal for the target class), ideal (the original trigger). The spec identifies the
+    source in the retraining's key."""
     bank = staircase_bank(ctx, backdoor)
     runs = [("mesa", member.beta, None, bank.sampler([member]),
              {"kind": "mesa", "bank": bank.key, "members": [asdict(member)]})
@@ -217,6 +220,17 @@ def defense_sources(ctx: Context, backdoor: Backdoor) -> list:
     runs.append(("mesa_mixture", None, None, bank.sampler(),
                  {"kind": "mesa", "bank": bank.key,
                   "members": [asdict(m) for m in bank.members]}))
+    if all(row["empty"] for row in bank.evaluation):
+        # Algorithm 1 gives every empty sub-model weight 0: with all empty there is no mixture
+        warnings.warn(f"trigger {backdoor.trigger}: every MESA sub-model is empty (mean target "
+                      "softmax below its beta), so Algorithm 1's mixture is undefined and "
+                      "mesa_entropy_mixture is left out for this trigger")
+    else:
+        entropy_mixture = bank.entropy_sampler()
+        runs.append(("mesa_entropy_mixture", None, None, entropy_mixture,
+                     {"kind": "mesa", "bank": bank.key,
+                      "members": [asdict(m) for m in bank.members],
+                      "weights": entropy_mixture.weights.tolist()}))
     for start, trigger in enumerate(baseline_triggers(ctx, backdoor)):
         runs.append(("baseline", None, start, TriggerPaster(trigger.to(ctx.device)),
                      {"kind": "patch", "trigger": trigger.flatten().tolist()}))

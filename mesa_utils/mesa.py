@@ -23,13 +23,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .config import GeneratorConfig
 from .data import to_pixels
 from .models import GeneratorBank, StatisticsBank, frozen
 from .store import NonFiniteError, spec_key
-from .train import CHECK_EVERY, Backdoor, Context, FiniteGuard, attack_stats, autocast
+from .train import (CHECK_EVERY, Backdoor, Context, FiniteGuard, attack_stats, autocast,
+                    progress)
 from .triggers import apply_trigger
 
 
@@ -79,17 +79,29 @@ def mine_step(stats: StatisticsBank, optimizer, z, x, z_marginal, log_ema, rate)
 # ---------------------------------------------------------------------------------------------
 # Bank training
 
-def _draw(streams, b, noise_dim, n_images, high, trigger_shape, device):
+def _draw(streams, b, noise_dim, pools, high, trigger_shape, device):
     """Each member's randomness for one step from its own stream, stacked to (K, B, ...):
-    noise, marginal noise, image indices, trigger corners, trigger jitter."""
+    noise, marginal noise, image indices (from the member's pool: the images outside its
+    target class), trigger corners, trigger jitter."""
     draws = []
-    for g in streams:
+    for g, pool in zip(streams, pools):
         draws.append((torch.rand(b, noise_dim, generator=g, device=device),
                       torch.rand(b, noise_dim, generator=g, device=device),
-                      torch.randint(n_images, (b,), generator=g, device=device),
+                      pool[torch.randint(len(pool), (b,), generator=g, device=device)],
                       (torch.rand(b, 2, generator=g, device=device) * high).long(),
                       torch.randn(b, *trigger_shape, generator=g, device=device)))
     return [torch.stack(column) for column in zip(*draws)]
+
+
+def non_target_pool(labels: torch.Tensor, target: int) -> torch.Tensor:
+    """Indices of the images whose label is not `target`: where F is measured. An image of
+    the target class is sent to the target with no trigger at all, so it says nothing about
+    a trigger (and would let the hinge of a wrong class's generator look satisfied)."""
+    pool = (labels != target).nonzero().squeeze(1)
+    if not len(pool):
+        raise ValueError(f"every image is of the target class {target}: no image to paste a "
+                         "trigger on")
+    return pool
 
 
 CPU_CLASSIFIER_CHUNK = 128  # images per classifier forward on a CPU (see train_bank)
@@ -107,8 +119,9 @@ def train_bank(ctx: Context, classifier, members, mcfg: GeneratorConfig, images,
 
     The classifier is frozen in place. Returns (generators, statistics, log) with log a dict
     of (steps, K) tensors: hinge, mi, softmax (mean target softmax), asr (share of samples
-    classified as the target among images of other classes). `setting` names mcfg's config
-    section ("mesa", "detection") in the NonFiniteError raised when training diverges.
+    classified as the target). F is measured on images outside each member's target class
+    (non_target_pool). `setting` names mcfg's config section ("mesa", "detection") in the
+    NonFiniteError raised when training diverges.
     """
     device, k, b = ctx.device, len(members), mcfg.batch_size
     seeds = [m.seed for m in members]
@@ -121,6 +134,7 @@ def train_bank(ctx: Context, classifier, members, mcfg: GeneratorConfig, images,
     alphas = torch.tensor([m.alpha for m in members], device=device)
     targets = torch.tensor([m.target for m in members], device=device)          # (K,)
     streams = [torch.Generator(device).manual_seed(s) for s in seeds]
+    pools = [non_target_pool(labels, m.target) for m in members]
     height, width = images.shape[1:3]
     high = torch.tensor([height - trigger_shape[1] + 1, width - trigger_shape[2] + 1],
                         device=device)
@@ -131,17 +145,18 @@ def train_bank(ctx: Context, classifier, members, mcfg: GeneratorConfig, images,
     log_ema = None
     guard = FiniteGuard(desc, mcfg.steps, _divergence_advice(setting, mcfg, members), device)
     generators.train()
-    bar = tqdm(range(mcfg.steps), desc=desc, leave=False)
+    bar = progress(range(mcfg.steps), desc)
     for step in bar:
         z, z_marginal, index, corner, jitter = _draw(
-            streams, b, mcfg.noise_dim, len(images), high, trigger_shape, device)
+            streams, b, mcfg.noise_dim, pools, high, trigger_shape, device)
         x = generators(z)                                                   # (K, B, C, h, w)
         log_ema, t_bound = mine_step(stats, opt_t, z, x.detach(), z_marginal, log_ema,
                                      mcfg.mine_ema_rate)
         stats.requires_grad_(False)  # the G step differentiates through T, not T itself
         mi = dv_bound(stats(z, x), stats(z_marginal, x))                    # (K,)
         stats.requires_grad_(True)
-        # F term: noisy triggers (authors' std 0.1, unclamped) on K x B images, one (chunked) pass.
+        # F term: noisy triggers (authors' std 0.1, unclamped) on K x B images outside each
+        # member's target class, one (chunked) pass.
         pasted = apply_trigger(to_pixels(images[index.flatten()]),
                                (x + mcfg.trigger_noise * jitter).flatten(0, 1),
                                corner.flatten(0, 1))
@@ -155,9 +170,7 @@ def train_bank(ctx: Context, classifier, members, mcfg: GeneratorConfig, images,
         loss.backward()
         opt_g.step()
         with torch.no_grad():
-            other = labels[index] != targets[:, None]
-            hit = (probs.argmax(2) == targets[:, None]) & other
-            asr = hit.sum(1) / other.sum(1).clamp(min=1)
+            asr = (probs.argmax(2) == targets[:, None]).float().mean(1)
         guard.watch(step, loss, t_bound, log_ema)
         for name, value in (("hinge", hinge), ("mi", mi), ("softmax", softmax.mean(1)),
                             ("asr", asr)):
@@ -178,8 +191,8 @@ class GeneratorSampler:
 
     positions: the generators mixed (default all; `Bank.sampler` takes Members instead).
     weights: mixture weights gamma over them (default uniform 1/N, the paper's practical
-    choice; `entropy_weights` gives Algorithm 1's). Calling the sampler on pixels pastes one
-    fresh trigger per image: a trigger source for poisoning.
+    choice; `entropy_weights` gives Algorithm 1's, `Bank.entropy_sampler` uses them). Calling
+    the sampler on pixels pastes one fresh trigger per image: a trigger source for poisoning.
     """
 
     def __init__(self, generators: GeneratorBank, positions=None, weights=None):
@@ -208,13 +221,71 @@ class GeneratorSampler:
         return apply_trigger(images, self.sample(len(images), generator), generator=generator)
 
 
-def entropy_weights(mi: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
-    """Algorithm 1's gamma_i proportional to exp(h(G_i)), with h estimated by the MI bound,
-    zero for empty sub-models (g taken linear, as g is unknown for backdoors)."""
-    logits = torch.where(empty, torch.full_like(mi, -math.inf), mi)
+@torch.no_grad()
+def trigger_softmax(ctx: Context, classifier, triggers, target: int, images, labels,
+                    n_images: int = 64, seed: int = 0) -> torch.Tensor:
+    """The paper's F for each of `triggers` (n, C, h, w) in [0, 1]: the classifier's softmax
+    of `target` averaged over the same `n_images` images outside the target class (drawn once
+    from uint8 `images` (N, H, W, C) with `labels`), each trigger-image pair at its own random
+    position. Returns (n,) in [0, 1] on the CPU; a NaN/inf softmax raises NonFiniteError."""
+    classifier = frozen(classifier)
+    generator = torch.Generator(ctx.device).manual_seed(seed)
+    pool = non_target_pool(labels, target)
+    pick = pool[torch.randperm(len(pool), generator=generator, device=pool.device)[:n_images]]
+    pixels = to_pixels(images[pick])                                       # (m, C, H, W)
+    m = len(pick)
+    per_pass = max(1, ctx.cfg.eval_batch_size // m)
+    means = []
+    for part in triggers.to(ctx.device).split(per_pass):
+        pasted = apply_trigger(pixels.repeat(len(part), 1, 1, 1),
+                               part.repeat_interleave(m, 0), generator=generator)
+        with autocast(ctx.device, ctx.amp):
+            probs = classifier(pasted).float().softmax(1)[:, target]
+        means.append(probs.view(len(part), m).mean(1))
+    values = torch.cat(means).cpu()
+    if not torch.isfinite(values).all():
+        raise NonFiniteError("the classifier's softmax is NaN or inf on triggered images: "
+                             "it is broken and cannot score triggers")
+    return values
+
+
+def step_widths(betas) -> torch.Tensor:
+    """The staircase's step widths beta_i - beta_(i-1) (beta_0 = 0) of thresholds given in
+    any order, returned in that order: (N,). With beta_i = i/N every width is 1/N."""
+    betas = torch.as_tensor(betas, dtype=torch.float64)
+    if len(betas) == 0 or len(set(betas.tolist())) != len(betas) or not (
+            (betas > 0) & (betas < 1)).all():
+        raise ValueError(f"betas must be distinct thresholds in (0, 1), got {betas.tolist()}")
+    ordered, order = betas.sort()
+    widths = torch.diff(ordered, prepend=ordered.new_zeros(1))
+    return torch.empty_like(widths).scatter_(0, order, widths)
+
+
+def entropy_weights(mi: torch.Tensor, empty: torch.Tensor, betas) -> torch.Tensor:
+    """Algorithm 1's mixture weights gamma (N,) for sub-models with entropy estimates `mi`
+    (nats), `empty` flags and thresholds `betas`:
+
+        gamma_i  proportional to  exp(h(G_i)) * (beta_i - beta_(i-1)) / g'(g^-1(beta_i)),
+        and 0 for an empty sub-model.
+
+    Why: a mixture of uniform distributions over the nested sets X_i, weighted gamma_i, has
+    density sum_i gamma_i / |X_i| on x's level; the staircase of f = g^-1(F) steps up by
+    (beta_i - beta_(i-1)) / g'(g^-1(beta_i)) at level i; |X_i| = exp(h(G_i)) for a uniform
+    G_i. With beta_i = i/N every width is 1/N and this is the paper's formula (Algorithm 1,
+    line 8); the width factor is the same derivation for the staircase's actual steps (e.g.
+    0.5, 0.3, 0.1 for betas 0.5, 0.8, 0.9). g, the link between density and ASR, is unknown
+    for backdoors (the paper leaves it undefined); taking it linear (g' constant) is this
+    repository's heuristic, and h is the MINE estimate, a lower bound.
+    """
+    mi, empty = torch.as_tensor(mi, dtype=torch.float64), torch.as_tensor(empty)
+    widths = step_widths(betas)
+    if not (mi.shape == empty.shape == widths.shape) or not torch.isfinite(mi).all():
+        raise ValueError(f"need one finite MI estimate, empty flag and beta per sub-model, got "
+                         f"{mi.tolist()}, {empty.tolist()}, {widths.tolist()}")
+    logits = torch.where(empty, torch.full_like(mi, -math.inf), mi + widths.log())
     if torch.isinf(logits).all():
         raise ValueError("every sub-model is empty: no mixture to weight")
-    return torch.softmax(logits, 0)
+    return torch.softmax(logits, 0).float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +299,8 @@ def generator_fields(mcfg: GeneratorConfig) -> dict:
 
 def bank_spec(parent_key, members, mcfg, trigger_shape=(3, 3, 3)) -> dict:
     return {"stage": "mesa", "parent": parent_key, "members": [asdict(m) for m in members],
-            "generator": generator_fields(mcfg), "trigger_shape": list(trigger_shape)}
+            "generator": generator_fields(mcfg), "trigger_shape": list(trigger_shape),
+            "f_images": "non-target"}
 
 
 # The DV bound of a trained T is >= 0 up to sampling noise (the constant T = 0 scores exactly
@@ -288,6 +360,15 @@ class Bank:
         members = self.members if members is None else list(members)
         return GeneratorSampler(self.generators, [self.position(m) for m in members], weights)
 
+    def entropy_sampler(self, members=None) -> GeneratorSampler:
+        """The mixture of `members` (default all) weighted as Algorithm 1 (entropy_weights:
+        MI estimates and empty flags of the evaluation, the members' step widths)."""
+        members = self.members if members is None else list(members)
+        rows = [self.evaluation_of(m) for m in members]
+        weights = entropy_weights([r["mi"] for r in rows], [bool(r["empty"]) for r in rows],
+                                  [m.beta for m in members])
+        return self.sampler(members, weights)
+
     def sample(self, member: Member, n: int, generator=None) -> torch.Tensor:
         """n triggers (n, 3, 3, 3) in (0, 1) of one member."""
         return self.sampler([member]).sample(n, generator)
@@ -339,16 +420,26 @@ def detection_members(cfg, num_classes: int) -> list:
 
 def detect_target(ctx: Context, backdoor: Backdoor) -> list:
     """One generator per class (one bank) against a backdoored model: Step 1 of the paper's
-    defence (section 3.3). Rows per class: asr and target_softmax of its sampled triggers,
-    mi, and `flagged` (asr above cfg.detection.threshold)."""
+    defence (section 3.3). Rows per class: asr and target_softmax of its sampled triggers on
+    the held-out eval split (images it never trained on, outside the class), train_asr on
+    the defender's split it trained on, mi, and `flagged` (asr above
+    cfg.detection.threshold)."""
     cfg = ctx.cfg
     members = detection_members(cfg, ctx.splits.num_classes)
-    bank = mesa_bank(ctx, backdoor.model(ctx), backdoor.key, members, cfg.detection,
+    classifier = backdoor.model(ctx)
+    bank = mesa_bank(ctx, classifier, backdoor.key, members, cfg.detection,
                      desc=f"detection {backdoor.trigger}", setting="detection")
-    return [{"trigger": backdoor.trigger, "class": row["target"], "asr": row["asr"],
-             "target_softmax": row["target_softmax"], "mi": row["mi"],
-             "flagged": row["asr"] > cfg.detection.threshold,
-             "true_target": row["target"] == backdoor.target} for row in bank.evaluation]
+    rows = []
+    for member, trained in zip(members, bank.evaluation):
+        held_out = attack_stats(ctx, classifier, ctx.splits.eval_images,
+                                ctx.splits.eval_labels, bank.sampler([member]), member.target,
+                                seed=cfg.seed)
+        rows.append({"trigger": backdoor.trigger, "class": member.target,
+                     "asr": held_out["asr"], "target_softmax": held_out["target_softmax"],
+                     "train_asr": trained["asr"], "mi": trained["mi"],
+                     "flagged": held_out["asr"] > cfg.detection.threshold,
+                     "true_target": member.target == backdoor.target})
+    return rows
 
 
 def study_settings(cfg) -> list:

@@ -85,9 +85,10 @@ class NotebookOutputs:
     def _path(self, name, suffix) -> Path:
         return self.staging / f"{self.notebook}_{name}{suffix}"
 
-    def figure(self, fig, name: str) -> Path:
-        """Stage `fig` as <notebook>_<name>.png."""
-        return atomic_write(self._path(name, ".png"), functools.partial(
+    def figure(self, fig, name: str) -> None:
+        """Stage `fig` as <notebook>_<name>.png. Returns None, so that a notebook cell ending
+        in this call shows the figure, not the staging path."""
+        atomic_write(self._path(name, ".png"), functools.partial(
             fig.savefig, dpi=120, bbox_inches="tight", format="png"))
 
     def table(self, df, name: str) -> Path:

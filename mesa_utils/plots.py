@@ -18,6 +18,7 @@ matplotlib.rcParams["figure.max_open_warning"] = 0   # notebooks draw many figur
 METHOD_STYLE = {   # method -> (label, colour, marker)
     "mesa": ("MESA", "tab:blue", "o"),
     "mesa_mixture": ("MESA mixture", "tab:purple", "D"),
+    "mesa_entropy_mixture": ("MESA mixture, Algorithm 1 weights", "tab:pink", "P"),
     "baseline": ("baseline (mean, min-max)", "tab:red", "s"),
     "neural_cleanse": ("Neural Cleanse", "tab:orange", "^"),
     "ideal": ("ideal", "tab:green", "*"),
@@ -77,6 +78,45 @@ def detection_heatmap(df: pd.DataFrame):
                 cbar_kws={"label": "ASR of sampled triggers (%)"})
     ax.set_xlabel("candidate target class")
     ax.set_ylabel("original trigger")
+    return fig
+
+
+def validity_heatmaps(validity: pd.DataFrame, panel: str = "seed"):
+    """The validity matrix V (analysis.validity_table) as one heatmap per value of `panel`:
+    rows the thresholds beta_i, columns the sub-models (alpha, beta), cells the share (%) of
+    the column's samples with F > the row's threshold."""
+    groups = list(validity.groupby(panel))
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups) + 1, 3.2),
+                             squeeze=False)
+    for ax, (key, part) in zip(axes[0], groups):
+        table = part.assign(sub_model=[f"a={a:g}\nb={b:g}" for a, b in zip(part.alpha,
+                                                                            part.beta)])
+        table = table.pivot_table(index="threshold", columns="sub_model", values="valid",
+                                  sort=False) * 100
+        sns.heatmap(table, annot=True, fmt=".0f", cmap="mako", vmin=0, vmax=100, ax=ax,
+                    cbar=ax is axes[0, -1], cbar_kws={"label": "samples with F > threshold (%)"})
+        ax.set_title(f"{panel} {key}", fontsize=9)
+        ax.set_xlabel("sub-model (its samples)")
+        ax.set_ylabel("threshold beta_i" if ax is axes[0, 0] else "")
+        ax.tick_params(axis="x", labelsize=7, rotation=0)
+    return fig
+
+
+def distinct_curve_figure(curves: pd.DataFrame):
+    """Distinct triggers against the number of samples n, one panel per radius, one line per
+    alpha (mean over seeds, band min-max): curves has columns alpha, seed, n, radius,
+    distinct (analysis.distinct_curve rows with alpha and seed)."""
+    radii = sorted(curves.radius.unique())
+    fig, axes = plt.subplots(1, len(radii), figsize=(3.6 * len(radii), 3), squeeze=False)
+    for ax, radius in zip(axes[0], radii):
+        sns.lineplot(data=curves[curves.radius == radius], x="n", y="distinct", hue="alpha",
+                     errorbar=("pi", 100), marker="o", palette="viridis", ax=ax,
+                     legend=ax is axes[0, -1])
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"radius {radius:g} (L2, 27 values)", fontsize=9)
+        ax.set_xlabel("samples n")
+    axes[0, 0].set_ylabel("distinct triggers")
     return fig
 
 
@@ -143,7 +183,7 @@ def defense_figure(df: pd.DataFrame, triggers_by_id: dict):
         rows = df[(df.method == "mesa") & (df.beta == beta)]
         ax.plot([x[t] for t in rows.trigger], 100 * rows.asr_after, "o", color=shades[beta],
                 label=f"MESA beta={beta:g}")
-    for method in ("mesa_mixture", "neural_cleanse", "ideal"):
+    for method in ("mesa_mixture", "mesa_entropy_mixture", "neural_cleanse", "ideal"):
         rows = df[df.method == method]
         if len(rows):
             label, colour, marker = METHOD_STYLE[method]

@@ -8,6 +8,7 @@ than fp32 for ResNet-18 (measured on the 2-core Xeon of the README), so "auto" l
 """
 import functools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,13 @@ from .intervals import wilson_interval
 from .models import ResNet18
 from .store import REPO_ROOT, NonFiniteError, Store, spec_key
 from .triggers import TriggerPaster, poison, trigger_from_id
+
+
+def progress(iterable, desc: str):
+    """A transient tqdm bar over `iterable` (widgets in Jupyter), off when $TQDM_DISABLE is 1 or
+    true: tqdm.notebook overrides that variable with its own default, so it is read here."""
+    disable = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+    return tqdm(iterable, desc=desc, leave=False, disable=disable)
 
 
 def get_device(name: str = "auto") -> torch.device:
@@ -161,7 +169,7 @@ def fit(ctx: Context, model, images, labels, cfg: TrainConfig, setting: str, sou
     for epoch in range(cfg.epochs):
         loss_sum, correct, poisoned = (torch.zeros((), device=ctx.device) for _ in range(3))
         seen = 0
-        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False)
+        bar = progress(loader, f"{desc} {epoch + 1}/{cfg.epochs}")
         for x, y in bar:
             if source is not None and cfg.poison_rate > 0:
                 x, y, mask = poison(x, y, source, cfg.poison_rate, target, poison_generator)

@@ -6,17 +6,75 @@ import pandas as pd
 import pytest
 import torch
 
-from mesa_utils.analysis import (UnhealthyRun, coverage, detection_summary, distinct_triggers,
-                                 expect, healthy_run, hyperparameter_claims, nesting_pairs,
-                                 nesting_table, pca_2d, summarize, thin)
+from mesa_utils.analysis import (ENTROPY_RESOLUTION, UnhealthyRun, detection_summary,
+                                 distinct_curve, distinct_triggers, expect, healthy_run,
+                                 hyperparameter_claims, knn_entropy, manifold_share,
+                                 overlap_pairs, overlap_table, pca_2d, summarize, thin,
+                                 validity_table)
 from mesa_utils.config import make_config
 from mesa_utils.mesa import study_members
 
 
-def test_coverage_detects_nesting():
+def test_manifold_share_on_sets_with_known_answers():
     torch.manual_seed(0)
-    wide, narrow = torch.rand(800, 2), 0.25 + 0.5 * torch.rand(400, 2)
-    assert coverage(narrow, wide) > 0.9 > 0.6 > coverage(wide, narrow)
+    draw = lambda n: torch.rand(n, 2)                                  # noqa: E731
+    a, b = draw(1000), draw(1000)
+    # identical distributions: near 1 both ways (two draws of one generator)
+    assert manifold_share(a, b) > 0.9 and manifold_share(b, a) > 0.9
+    # nested: a square of a quarter of the area inside: ~1 one way, ~1/4 the other
+    narrow = 0.25 + 0.5 * torch.rand(1000, 2)
+    assert manifold_share(narrow, a) > 0.95
+    assert 0.2 < manifold_share(a, narrow) < 0.35
+    # disjoint: 0 both ways
+    assert manifold_share(a + 5, b) == 0 and manifold_share(b, a + 5) == 0
+    # two modes against one of them: the one-mode set is fully inside, covers half
+    one_mode = draw(1000)
+    two_modes = torch.cat([draw(500), draw(500) + 5])
+    assert manifold_share(one_mode, two_modes) > 0.9
+    assert 0.45 < manifold_share(two_modes, one_mode) < 0.55
+    # in the triggers' 27 dimensions identity scores lower (distances concentrate), which is
+    # why every comparison is read beside a second draw of the same generator
+    identical = manifold_share(torch.randn(1000, 27), torch.randn(1000, 27))
+    assert 0.6 < identical < 0.85
+    assert manifold_share(torch.randn(1000, 27) + 3, torch.randn(1000, 27)) < 0.05
+
+
+def test_knn_entropy_on_distributions_with_known_entropy():
+    torch.manual_seed(0)
+    # uniform on the unit cube: 0 nats, up to the estimator's known bias at the boundary
+    # (neighbours are missing beyond the faces, so distances there run long): +0.10 at n=3000
+    assert abs(knn_entropy(torch.rand(3000, 3))) < 0.15
+    # Gaussian, std 0.1 in 2-D: log(2 pi e) + 2 log(0.1) = -1.767 nats
+    sigma, d = 0.1, 2
+    truth = 0.5 * d * math.log(2 * math.pi * math.e * sigma ** 2)
+    assert abs(knn_entropy(sigma * torch.randn(3000, d)) - truth) < 0.1
+    # it converges with n instead of growing: a fourth of the samples gives nearly as much
+    cube = torch.rand(4000, 3)
+    assert abs(knn_entropy(cube[:1000]) - knn_entropy(cube)) < 0.15
+    # repeated points: the finite floor at the resolution, far below any spread set
+    repeated = torch.rand(3, 27)[torch.arange(300) % 3]
+    floor = knn_entropy(repeated)
+    assert math.isfinite(floor) and floor < 27 * math.log(ENTROPY_RESOLUTION) + 50
+    assert floor < knn_entropy(torch.rand(300, 27)) - 100
+
+
+def test_distinct_curve_saturates_for_a_collapsed_set_and_grows_for_a_spread_one():
+    torch.manual_seed(0)
+    centres = torch.rand(3, 27)
+    collapsed = centres[torch.randint(3, (800,))] + 0.01 * torch.randn(800, 27)
+    curve = distinct_curve(collapsed, sizes=(100, 400, 800), radii=(0.5, 1.0))
+    assert (curve.distinct == 3).all() and len(curve) == 6
+    spread_out = distinct_curve(torch.rand(800, 27), sizes=(100, 400, 800), radii=(0.5,))
+    assert spread_out.distinct.is_monotonic_increasing and spread_out.distinct.iloc[-1] > 400
+
+
+def test_validity_table_counts_samples_above_each_threshold():
+    from mesa_utils.mesa import Member
+    low, high = Member(0.5, 0.1, 0), Member(0.9, 0.1, 0)
+    softmax = {low: torch.tensor([0.4, 0.6, 0.85, 0.95]), high: torch.tensor([0.95, 0.99])}
+    table = validity_table(softmax, [0.9, 0.5]).set_index(["beta", "threshold"]).valid
+    assert table[(0.5, 0.5)] == 0.75 and table[(0.5, 0.9)] == 0.25     # precision, band
+    assert table[(0.9, 0.9)] == 1.0 and table[(0.9, 0.5)] == 1.0
 
 
 def test_thin_drops_near_duplicates():
@@ -35,30 +93,43 @@ def test_distinct_triggers_counts_clusters_not_samples():
 
 
 @pytest.mark.parametrize("seeds_agree", [True, False])
-def test_nesting_table_and_claims_on_sets_that_nest(seeds_agree):
+def test_overlap_table_and_claims_on_sets_that_nest(seeds_agree):
     cfg = make_config("smoke")
     members = study_members(cfg)
     torch.manual_seed(0)
+
     # Every member samples a square whose side shrinks as beta grows (nested), centred at the
     # origin, or, when seeds disagree, at a different place for every seed.
-    samples = {m: (0.05 + 1.0 - m.beta) * (torch.rand(400, 2) - 0.5)
-               + (0 if seeds_agree else 5 * m.seed) for m in members}
-    pairs = nesting_pairs(cfg, members)
-    assert [kind for kind, _, _ in pairs].count("staircase") == 3 * (len(cfg.mesa.betas) - 1)
+    def draw(m):
+        return (0.05 + 1.0 - m.beta) * (torch.rand(400, 2) - 0.5) + (
+            0 if seeds_agree else 5 * m.seed)
+    samples, redraws = {m: draw(m) for m in members}, {m: draw(m) for m in members}
+    pairs = overlap_pairs(cfg, members)
+    kinds = [kind for kind, _, _ in pairs]
+    steps = len(cfg.mesa.betas) - 1
+    assert kinds.count("staircase") == 3 * steps and kinds.count("second draw") == 3 * 3
+    assert kinds.count("other seed") == 3
     for kind, inner, outer in pairs:
         assert inner.beta >= outer.beta
-        assert (inner.seed == outer.seed) == (kind == "staircase")
-    nesting = nesting_table(pairs, samples, {m: x.numpy() for m, x in samples.items()})
-    staircase = nesting[nesting.comparison == "staircase"]
+        assert (inner.seed == outer.seed) == (kind != "other seed")
+        assert (inner == outer) == (kind == "second draw")
+    overlap = overlap_table(pairs, samples, redraws)
+    staircase = overlap[overlap.comparison == "staircase"]
+    second = overlap[overlap.comparison == "second draw"]
     assert (staircase.inner_in_outer > 0.9).all() and (staircase.outer_in_inner < 0.7).all()
-    assert np.allclose(nesting.inner_in_outer, nesting.inner_in_outer_2d)   # already 2-D
-    # alpha 0 with 5 distinct triggers and alpha 0.1 with 40 in every seed; alpha 10 empty.
+    assert (second[["inner_in_outer", "outer_in_inner"]] > 0.85).all().all()
+    # alpha 0: 5 distinct triggers and low entropy; alpha 0.1: 40; alpha 10 loses ASR.
     settings = pd.DataFrame([{"seed": m.seed, "alpha": m.alpha, "beta": m.beta,
                               "distinct": {0.0: 5, 10.0: 300}.get(m.alpha, 40),
+                              "entropy": {0.0: -80.0, 10.0: -5.0}.get(m.alpha, -20.0),
                               "asr": 0.3 if m.alpha == 10 else 0.95} for m in members])
-    claims = hyperparameter_claims(cfg, settings, nesting).set_index("claim")
+    # Every staircase sub-model valid for its own beta, 30% of a lower one in the next band.
+    validity = pd.DataFrame([{"seed": m.seed, "alpha": m.alpha, "beta": m.beta,
+                              "threshold": t, "valid": 1.0 if t <= m.beta else 0.7}
+                             for m in members for t in cfg.mesa.betas])
+    claims = hyperparameter_claims(cfg, settings, overlap, validity).set_index("claim")
     seed_claim = claims.index.str.startswith("one setting from two seeds")
-    assert claims.cases.tolist() == [3, 3, 3, 6, 6, 3]   # seeds, seeds x beta pairs, seed pairs
+    assert claims.cases.tolist() == [3, 3, 3, 9, 6, 6, 6, 3]   # seeds, members, pairs
     assert (claims[~seed_claim].holds == claims[~seed_claim].cases).all()
     assert claims[seed_claim].holds.item() == (3 if seeds_agree else 0)
 

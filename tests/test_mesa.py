@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from mesa_utils import mesa
-from mesa_utils.config import MesaConfig
 from mesa_utils.analysis import spread
+from mesa_utils.config import PROFILES, MesaConfig, make_config, mine_staleness
 from mesa_utils.mesa import (GeneratorSampler, Member, dv_bound, entropy_weights, evaluate_bank,
-                             hyperparameter_study, mesa_bank, mine_step, study_members,
-                             study_settings, train_bank)
+                             hyperparameter_study, mesa_bank, mine_step, step_widths,
+                             study_members, study_settings, train_bank, trigger_softmax)
 from mesa_utils.models import GeneratorBank, StatisticsBank
 from mesa_utils.train import Backdoor
 from tests.conftest import BrightPatchModel
@@ -24,25 +24,58 @@ def test_dv_bound_of_identical_joint_and_marginal_is_zero():
     assert torch.allclose(dv_bound(torch.zeros(2, 5), torch.zeros(2, 5)), torch.zeros(2))
 
 
-def test_mine_estimates_the_mutual_information_of_correlated_gaussians():
-    torch.manual_seed(0)
+def _mine_on_correlated_gaussians(steps, rate, batch_size, lr, hidden, seed=0):
+    """Train MINE's T on z ~ N(0, I_3), x = rho z + noise (true I = 2.49 nats); returns the
+    final estimate on fresh samples, the true MI and the per-step (log_ema, log_mean_exp)."""
+    torch.manual_seed(seed)
     dim, rho = 3, 0.9
-    true_mi = -0.5 * dim * math.log(1 - rho ** 2)                 # 2.49 nats
-    stats = StatisticsBank(1, noise_dim=dim, hidden=64, trigger_shape=(dim,), seeds=[0])
-    optimizer = torch.optim.Adam(stats.parameters(), lr=1e-3)
+    true_mi = -0.5 * dim * math.log(1 - rho ** 2)
+    stats = StatisticsBank(1, noise_dim=dim, hidden=hidden, trigger_shape=(dim,), seeds=[seed])
+    optimizer = torch.optim.Adam(stats.parameters(), lr=lr)
 
     def sample(n):
         z = torch.randn(1, n, dim)
-        x = rho * z + math.sqrt(1 - rho ** 2) * torch.randn(1, n, dim)
-        return z, x
-    log_ema = None
-    for _ in range(1500):
-        z, x = sample(256)
-        log_ema, _ = mine_step(stats, optimizer, z, x, torch.randn(1, 256, dim), log_ema, 0.01)
+        return z, rho * z + math.sqrt(1 - rho ** 2) * torch.randn(1, n, dim)
+    log_ema, trace = None, []
+    for _ in range(steps):
+        z, x = sample(batch_size)
+        z_marginal = torch.randn(1, batch_size, dim)
+        log_ema, _ = mine_step(stats, optimizer, z, x, z_marginal, log_ema, rate)
+        with torch.no_grad():
+            t = stats(z_marginal, x)
+            trace.append((float(log_ema[0]),
+                          float(torch.logsumexp(t, 1)[0] - math.log(batch_size))))
     with torch.no_grad():
         z, x = sample(20000)
         estimate = float(dv_bound(stats(z, x), stats(torch.randn(1, 20000, dim), x))[0])
+    return estimate, true_mi, trace
+
+
+def test_mine_estimates_the_mutual_information_of_correlated_gaussians():
+    estimate, true_mi, _ = _mine_on_correlated_gaussians(1500, 0.01, 256, 1e-3, 64)
     assert 0.8 * true_mi < estimate < 1.05 * true_mi, (estimate, true_mi)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("section", ["mesa", "detection"])
+def test_mine_moving_average_is_live_at_each_profile_rate(profile, section):
+    gen = getattr(make_config(profile), section)
+    # Config validation already refuses a stale average; this is what it guards.
+    assert mine_staleness(gen.mine_ema_rate, gen.steps) <= 0.05
+    if profile == "smoke":      # a handful of steps: nothing to estimate
+        return
+    # At the profile's rate and step count the average follows T as it trains: at the end it
+    # sits within 0.3 nats of log E[e^T] over the last tenth of training, where a stale one
+    # stays near its first value (quick's old rate 0.001: 0.08 against 0.85). And the
+    # estimate is real (> half the truth: a lower bound in steps this few).
+    steps = gen.steps
+    estimate, true_mi, trace = _mine_on_correlated_gaussians(
+        steps, gen.mine_ema_rate, gen.batch_size, gen.lr, min(gen.hidden, 128))
+    window = max(10, steps // 10)
+    recent = sum(v for _, v in trace[-window:]) / window
+    first, final = trace[0][0], trace[-1][0]
+    assert abs(final - recent) < 0.3, (final, recent, first)
+    assert 0.5 * true_mi < estimate < 1.05 * true_mi, (estimate, true_mi)
 
 
 def _train(ctx, members, steps=25, model=None, hidden=32, batch_size=32):
@@ -98,14 +131,46 @@ def test_unreachable_threshold_gives_an_empty_sub_model(toy_ctx):
 
 
 def test_detection_flags_only_the_backdoored_class(toy_ctx):
-    # Images of class 2; the backdoor targets class 0; nothing makes class 1 win.
-    members = [Member(0.8, 0.1, c, seed=c) for c in range(3)]
+    # Images of class 2; the backdoor targets class 0; nothing makes class 1 win. (Class 2,
+    # the images' own, has no image outside it to paste a trigger on: see the next test.)
+    members = [Member(0.8, 0.1, c, seed=c) for c in range(2)]
     model = BrightPatchModel(num_classes=3, target=0)
     bank, stats, _ = _train(toy_ctx, members, steps=150, model=model)
-    rows = evaluate_bank(toy_ctx, model, bank, stats, members[:2], 256,
+    rows = evaluate_bank(toy_ctx, model, bank, stats, members, 256,
                          toy_ctx.splits.defense_images, toy_ctx.splits.defense_labels)
     flagged = [row["target"] for row in rows if row["asr"] > toy_ctx.cfg.detection.threshold]
     assert flagged == [0]
+    with pytest.raises(ValueError, match="every image is of the target class 2"):
+        _train(toy_ctx, [Member(0.8, 0.1, 2)], steps=1, model=model)
+
+
+def test_the_f_term_is_measured_only_on_images_outside_the_target_class(toy_ctx):
+    # Half the images are white and of the target class 0 (the toy model sends any white
+    # image to class 0: F = 1 with no trigger at all), half black of class 2. Were the white
+    # ones in the F term, the first step's mean softmax would be >= 0.5 for any trigger.
+    n = 64
+    images = torch.zeros(n, 32, 32, 3, dtype=torch.uint8)
+    images[: n // 2] = 255
+    labels = torch.full((n,), 2, dtype=torch.long)
+    labels[: n // 2] = 0
+    model = BrightPatchModel(num_classes=3, target=0)
+    mcfg = MesaConfig(steps=1, batch_size=32, hidden=32)
+    _, _, log = train_bank(toy_ctx, model, [Member(0.8, 0.1, 0)], mcfg, images, labels)
+    assert float(log["softmax"][0, 0]) < 0.2
+    assert float(trigger_softmax(toy_ctx, model, torch.zeros(4, 3, 3, 3), 0, images,
+                                 labels, n_images=16).max()) < 0.01
+
+
+def test_trigger_softmax_is_the_papers_f_on_a_model_with_known_f(toy_ctx):
+    model = BrightPatchModel(num_classes=3, target=0)
+    triggers = torch.stack([torch.full((3, 3, 3), v) for v in (0.0, 0.5, 0.8, 1.0)])
+    f = trigger_softmax(toy_ctx, model, triggers, 0, toy_ctx.splits.eval_images,
+                        toy_ctx.splits.eval_labels, n_images=8)
+    # on black images the brightest window is the trigger: F = e^t / (e^t + e^2 + 1),
+    # t = gain * (brightness - centre), wherever the trigger sits
+    t = 20.0 * (torch.tensor([0.0, 0.5, 0.8, 1.0]) - 0.6)
+    expected = t.exp() / (t.exp() + math.exp(2.0) + 1)
+    assert f.shape == (4,) and torch.allclose(f, expected, atol=1e-5)
 
 
 def test_mixture_samples_every_sub_model_uniformly():
@@ -126,10 +191,37 @@ def test_sampler_rejects_bad_mixtures(members, weights):
 
 
 def test_entropy_weights_follow_the_entropy_and_skip_empty_sub_models():
-    weights = entropy_weights(torch.tensor([1.0, 2.0, 5.0]), torch.tensor([False, False, True]))
+    # beta_i = i/N: equal step widths, so gamma is proportional to exp(h) (the paper's case)
+    weights = entropy_weights(torch.tensor([1.0, 2.0, 5.0]), torch.tensor([False, False, True]),
+                              [1 / 3, 2 / 3, 0.999])
     assert weights[2] == 0 and torch.isclose(weights[1] / weights[0], torch.tensor(math.e))
     with pytest.raises(ValueError, match="empty"):
-        entropy_weights(torch.zeros(2), torch.ones(2, dtype=torch.bool))
+        entropy_weights(torch.zeros(2), torch.ones(2, dtype=torch.bool), [0.5, 0.8])
+
+
+def test_entropy_weights_account_for_the_staircase_step_widths():
+    # betas 0.5, 0.8, 0.9: steps 0.5, 0.3, 0.1; with equal entropies gamma = 5:3:1 / 9,
+    # whatever order the sub-models come in
+    assert torch.allclose(step_widths([0.9, 0.5, 0.8]), torch.tensor([0.1, 0.5, 0.3],
+                                                                       dtype=torch.float64))
+    weights = entropy_weights(torch.zeros(3), torch.zeros(3, dtype=torch.bool), [0.9, 0.5, 0.8])
+    assert torch.allclose(weights, torch.tensor([1 / 9, 5 / 9, 3 / 9]))
+    # entropy and width multiply: one more nat makes up for an e-times narrower step
+    weights = entropy_weights(torch.tensor([1.0, 0.0]), torch.zeros(2, dtype=torch.bool),
+                              [0.5 * (1 + 1 / math.e), 0.5])
+    assert torch.allclose(weights, torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match="distinct thresholds"):
+        step_widths([0.5, 0.5])
+
+
+def test_a_banks_entropy_mixture_weights_its_members_as_algorithm_1():
+    members = [Member(b, 0.1, 0, seed=i) for i, b in enumerate((0.5, 0.8, 0.9))]
+    evaluation = [{"mi": mi, "empty": empty} for mi, empty in ((0.0, False), (0.0, False),
+                                                               (9.0, True))]
+    bank = mesa.Bank(members, GeneratorBank(3, hidden=8), {}, evaluation, "toy")
+    sampler = bank.entropy_sampler()
+    assert torch.allclose(sampler.weights, torch.tensor([5 / 8, 3 / 8, 0.0]))
+    assert sampler.positions == [0, 1, 2]
 
 
 class ToyBackdoor(Backdoor):
