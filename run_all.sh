@@ -123,7 +123,7 @@ fi
 OUTDIR=data/runs/$PROFILE
 mkdir -p "$OUTDIR"
 START=$(date +%s)
-# tqdm honours TQDM_DISABLE: no progress bars in the outputs that get committed.
+# mesa_utils reads TQDM_DISABLE (train.progress): no progress bars in the committed outputs.
 if [[ $REFRESH == 1 ]]; then export TQDM_DISABLE=1; fi
 for nb in "${NOTEBOOKS[@]}"; do
     name=$(basename "$nb")
