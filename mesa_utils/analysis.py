@@ -1,7 +1,7 @@
 """Measures, tables and checks computed on the stages' results (the method is in mesa.py and
 defense.py): spread, distinct triggers and k-NN entropy of sample sets, the k-NN overlap of
-one set with another, 2-D embeddings, the validity matrix and the Fig. 3 claims, the detection and defence summaries beside the paper's
-numbers, and each notebook's healthy-run check.
+one set with another, 2-D embeddings, the validity matrix and the Fig. 3 claims, the detection
+and defence summaries beside the paper's numbers, and each notebook's healthy-run check.
 
 Sample sets are tensors (n, ...) of triggers in [0, 1]; tables are pandas DataFrames.
 """

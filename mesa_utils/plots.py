@@ -106,17 +106,21 @@ def distinct_curve_figure(curves: pd.DataFrame):
     """Distinct triggers against the number of samples n, one panel per radius, one line per
     alpha (mean over seeds, band min-max): curves has columns alpha, seed, n, radius,
     distinct (analysis.distinct_curve rows with alpha and seed)."""
-    radii = sorted(curves.radius.unique())
+    radii, sizes = sorted(curves.radius.unique()), sorted(curves.n.unique())
+    data = curves.assign(alpha=[f"{a:g}" for a in curves.alpha])     # categories, not a scale
     fig, axes = plt.subplots(1, len(radii), figsize=(3.6 * len(radii), 3), squeeze=False)
     for ax, radius in zip(axes[0], radii):
-        sns.lineplot(data=curves[curves.radius == radius], x="n", y="distinct", hue="alpha",
-                     errorbar=("pi", 100), marker="o", palette="viridis", ax=ax,
+        sns.lineplot(data=data[data.radius == radius], x="n", y="distinct", hue="alpha",
+                     errorbar=("pi", 100), marker="o", palette="colorblind", ax=ax,
                      legend=ax is axes[0, -1])
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(sizes, [str(n) for n in sizes], minor=False)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_title(f"radius {radius:g} (L2, 27 values)", fontsize=9)
         ax.set_xlabel("samples n")
-    axes[0, 0].set_ylabel("distinct triggers")
+        ax.set_ylabel("distinct triggers" if ax is axes[0, 0] else "")
+    sns.move_legend(axes[0, -1], "center left", bbox_to_anchor=(1.02, 0.5), title="alpha")
     return fig
 
 
