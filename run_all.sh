@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # MESA reproduction: set up the environment if needed, then run the numbered notebooks with
-# papermill for one profile (default: quick), or the test suite.
+# papermill for one profile (default: quick), the test suite, or the per-trigger units as Ray tasks.
 #
 #   ./run_all.sh                          all notebooks, quick profile
 #   ./run_all.sh --profile smoke|quick|paper [papermill options, e.g. -p seed 1 -y 'triggers: [170]']
 #   ./run_all.sh --only 03,04             only these notebooks, run in numeric order
 #   ./run_all.sh --test                   unit tests + every notebook under nbval (smoke profile)
+#   ./run_all.sh --profile paper --workers N [--address A] [sweep options, e.g. --gpus-per-unit 0.25]
+#                                         the per-trigger units as Ray tasks (mesa_utils/sweep.py):
+#                                         N local workers, or a running cluster at A ('auto');
+#                                         results in figures/<profile>/units/, finished units skipped
 #   ./run_all.sh --refresh-notebooks      all notebooks, quick profile, then their outputs into the
 #                                         committed notebooks, stamped with the commit (which must
 #                                         hold all code: no uncommitted changes, no other options)
@@ -23,6 +27,9 @@ MODE=run
 REFRESH=0
 ONLY=
 ONLY_GIVEN=0
+SWEEP=0
+WORKERS=
+ADDRESS=
 PASSTHROUGH=()
 while (($#)); do
     case "$1" in
@@ -34,7 +41,13 @@ while (($#)); do
         --only) [[ $# -ge 2 ]] || { echo "error: --only needs notebook numbers separated by commas, e.g. --only 03,04" >&2; exit 2; }
                 ONLY=$2; ONLY_GIVEN=1; shift 2 ;;
         --only=*) ONLY=${1#--only=}; ONLY_GIVEN=1; shift ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        --workers) [[ $# -ge 2 ]] || { echo "error: --workers needs a number of workers, e.g. --workers 2" >&2; exit 2; }
+                   WORKERS=$2; SWEEP=1; shift 2 ;;
+        --workers=*) WORKERS=${1#--workers=}; SWEEP=1; shift ;;
+        --address) [[ $# -ge 2 && $2 != -* ]] || { echo "error: --address needs a Ray cluster address, e.g. --address auto" >&2; exit 2; }
+                   ADDRESS=$2; SWEEP=1; shift 2 ;;
+        --address=*) ADDRESS=${1#--address=}; SWEEP=1; shift ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         *) PASSTHROUGH+=("$1"); shift ;;
     esac
 done
@@ -48,6 +61,14 @@ if [[ $MODE == test && $ONLY_GIVEN == 1 ]]; then
 fi
 if [[ $MODE == test && $PROFILE_GIVEN == 1 && $PROFILE != smoke ]]; then
     echo "error: --test always uses the smoke profile; leave out --profile $PROFILE" >&2; exit 2
+fi
+
+# The sweep runs units, not notebooks: options of the notebook modes would be ignored there.
+if [[ $SWEEP == 1 ]]; then
+    [[ $MODE != test && $REFRESH == 0 && $ONLY_GIVEN == 0 ]] || {
+        echo "error: --workers/--address run the per-trigger units as Ray tasks; they cannot be combined with --test, --refresh-notebooks or --only" >&2; exit 2; }
+    [[ -z $WORKERS || $WORKERS =~ ^[1-9][0-9]*$ ]] || {
+        echo "error: --workers needs a number of workers of 1 or more, got '$WORKERS'" >&2; exit 2; }
 fi
 
 # --refresh-notebooks commits the outputs as those of the quick profile of the code at HEAD:
@@ -117,6 +138,10 @@ export PATH=$VENV/bin:$PATH
 if [[ $MODE == test ]]; then
     export MESA_PROFILE=smoke
     exec python -m pytest tests notebooks --nbval-lax -p no:cacheprovider "${PASSTHROUGH[@]}"
+fi
+if [[ $SWEEP == 1 ]]; then
+    exec python -m mesa_utils.sweep --profile "$PROFILE" ${WORKERS:+--workers "$WORKERS"} \
+        ${ADDRESS:+--address "$ADDRESS"} "${PASSTHROUGH[@]}"
 fi
 
 # --- run the numbered notebooks in order --------------------------------------------------------

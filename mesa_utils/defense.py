@@ -206,6 +206,16 @@ def neural_cleanse_result(ctx: Context, backdoor: Backdoor) -> dict:
     return ctx.store.get_or_build("neural_cleanse", spec, build)
 
 
+def neural_cleanse_row(ctx: Context, backdoor: Backdoor) -> dict:
+    """04's Neural Cleanse row for one backdoored model: the target class's mask L1 beside
+    the median over classes, its MAD anomaly index, and the classes flagged."""
+    nc = neural_cleanse_result(ctx, backdoor)
+    return {"trigger": backdoor.trigger, "target_mask_l1": float(nc["l1"][backdoor.target]),
+            "median_mask_l1": float(nc["l1"].median()),
+            "target_anomaly_index": float(nc["anomaly"][backdoor.target]),
+            "flagged_classes": nc["flagged"].nonzero().flatten().tolist()}
+
+
 def defense_sources(ctx: Context, backdoor: Backdoor) -> list:
     """Every trigger source of 04's comparison for one backdoored model, as (method, beta,
     start, source, source spec): mesa (one per beta of the staircase), mesa_mixture (uniform

@@ -57,6 +57,21 @@ def test_run_all_test_rejects_options_it_would_ignore(args, message):
     assert result.returncode == 2 and message in result.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--workers", "0"], "--workers needs a number of workers of 1 or more, got '0'"),
+    (["--workers=two"], "--workers needs a number of workers of 1 or more, got 'two'"),
+    (["--workers"], "--workers needs a number of workers"),
+    (["--address"], "--address needs a Ray cluster address"),
+    (["--workers", "2", "--test"], "they cannot be combined with --test"),
+    (["--address", "auto", "--only", "03"], "they cannot be combined with --test, "
+                                            "--refresh-notebooks or --only"),
+])
+def test_run_all_sweep_rejects_bad_arguments(args, message):
+    result = subprocess.run(["bash", str(RUN_ALL), *args, STOP], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 2 and message in result.stderr
+
+
 def ready_venv():
     """The environment run_all.sh can reuse without installing anything: $MESA_VENV if set, else
     the one running these tests (under `./run_all.sh --test`, the repository's .venv)."""

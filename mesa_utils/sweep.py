@@ -1,0 +1,114 @@
+"""Run a profile's per-trigger units (units.py) as Ray tasks, on this machine or a cluster.
+
+    python -m mesa_utils.sweep --profile paper --workers 4            # local Ray, 4 units at once
+    python -m mesa_utils.sweep --profile paper --address auto --gpus-per-unit 0.25
+    ./run_all.sh --profile smoke --workers 2                          # the same, from run_all.sh
+
+The driver first builds (or loads) the clean model, which every unit shares, then starts one
+task per trigger that has no unit file yet: finished units are skipped, so a rerun resumes. Each
+task builds its config from the same profile and overrides, runs the unit (itself resuming from
+the artefact store) and returns its record; the driver writes the unit files, so results gather
+in one folder wherever the tasks ran. A failing unit is reported with its trigger and traceback
+(written beside the unit files as unit_<trigger>.error.txt) while the others go on; the exit
+status is non-zero when any failed. On a cluster (`--address`), nodes that do not share this
+repository's data/ folder each train the clean model once.
+"""
+import argparse
+import json
+import sys
+import traceback
+
+from .config import make_config
+from .store import write_json
+from .train import clean_model, progress, setup
+from .units import pending_triggers, unit_folder, unit_path, unit_record
+
+
+def _unit_task(profile: str, overrides: dict, trigger: int, threads: int) -> dict:
+    """One unit in a Ray worker process: its record (units.unit_record)."""
+    import torch
+    torch.set_num_threads(max(1, threads))
+    return unit_record(setup(make_config(profile, **overrides)), trigger)
+
+
+def run_sweep(profile: str, overrides: dict | None = None, workers: int | None = None,
+              address: str | None = None, cpus_per_unit: int = 1, gpus_per_unit: float = 0.0,
+              outputs: str | None = None, root=None) -> dict:
+    """Run every pending unit of the profile (with `overrides`) as Ray tasks. workers: the
+    local Ray's CPUs (default all; ignored with `address`, which joins a running cluster,
+    "auto" for the local one). gpus_per_unit may be fractional (several units per GPU).
+    Returns {"folder", "done", "skipped", "failed": {trigger: error}}."""
+    import ray
+    overrides = dict(overrides or {})
+    cfg = make_config(profile, **overrides)
+    folder = unit_folder(cfg, outputs, root)
+    todo = pending_triggers(cfg, folder)
+    skipped = [t for t in cfg.triggers if t not in todo]
+    result = {"folder": folder, "done": [], "skipped": skipped, "failed": {}}
+    if not todo:
+        return result
+    clean_model(setup(cfg))      # shared by every unit: built once, before they start
+    if address:
+        ray.init(address=address, ignore_reinit_error=True)
+    else:
+        ray.init(num_cpus=workers, include_dashboard=False, ignore_reinit_error=True)
+    try:
+        task = ray.remote(num_cpus=cpus_per_unit, num_gpus=gpus_per_unit,
+                          max_retries=0)(_unit_task)
+        running = {task.remote(profile, overrides, t, cpus_per_unit): t for t in todo}
+        bar = progress(range(len(running)), f"units ({profile})")
+        for _ in bar:
+            ready, _ = ray.wait(list(running), num_returns=1)
+            trigger = running.pop(ready[0])
+            try:
+                write_json(unit_path(folder, trigger), ray.get(ready[0]))
+                result["done"].append(trigger)
+            except Exception as error:      # one unit's failure must not stop the others
+                log = unit_path(folder, trigger).with_suffix(".error.txt")
+                log.parent.mkdir(parents=True, exist_ok=True)
+                log.write_text("".join(traceback.format_exception(error)))  # remote traceback
+                cause = getattr(error, "cause", None) or error    # RayTaskError wraps it
+                result["failed"][trigger] = f"{type(cause).__name__}: {cause}".splitlines()[0]
+                print(f"unit {trigger} failed: {result['failed'][trigger]} (traceback: {log})",
+                      file=sys.stderr)
+    finally:
+        ray.shutdown()
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mesa_utils.sweep",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default=None, help="smoke, quick or paper (default: "
+                        "$MESA_PROFILE, else quick)")
+    parser.add_argument("--overrides", default="{}", help="config overrides as JSON, e.g. "
+                        "'{\"triggers\": [170, 15], \"mesa.steps\": 100}'")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="CPUs of the local Ray (default: all); units run one per CPU")
+    parser.add_argument("--address", default=None, help="join a running Ray cluster "
+                        "('auto' or host:port) instead of starting a local one")
+    parser.add_argument("--cpus-per-unit", type=int, default=1)
+    parser.add_argument("--gpus-per-unit", type=float, default=0.0,
+                        help="GPU share of a unit, e.g. 0.25 packs four units per GPU")
+    parser.add_argument("--outputs", default=None, help="folder under figures/ (default: the "
+                        "profile's, or <profile>-<config hash> with overrides)")
+    args = parser.parse_args(argv)
+    try:
+        overrides = json.loads(args.overrides)
+        if not isinstance(overrides, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as error:
+        parser.error(f"--overrides must be a JSON object of config fields ({error}), got "
+                     f"{args.overrides!r}")
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers must be 1 or more, got {args.workers}")
+    result = run_sweep(args.profile or make_config().profile, overrides, args.workers,
+                       args.address, args.cpus_per_unit, args.gpus_per_unit, args.outputs)
+    print(f"units in {result['folder']}: {len(result['done'])} run, "
+          f"{len(result['skipped'])} already there, {len(result['failed'])} failed"
+          + "".join(f"\n  trigger {t}: {e}" for t, e in result["failed"].items()))
+    return 1 if result["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Per-trigger units and the Ray sweep on the smoke profile (real CIFAR-10 subsets, own store):
+a unit's rows are the stages' rows, finished units are skipped, another config's file is never
+overwritten, two Ray workers give exactly the sequential results, and a failing unit is
+reported while the other finishes."""
+import json
+
+import pandas as pd
+import pytest
+
+from mesa_utils.config import make_config
+from mesa_utils.defense import compare_defenses
+from mesa_utils.mesa import detect_target
+from mesa_utils.train import backdoored_model, setup
+from mesa_utils.units import (TABLES, config_key, merge_units, pending_triggers, run_units,
+                              unit_folder, unit_path)
+
+CPU = {"device": "cpu"}
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A store of this test's own (Ray workers inherit the variable)."""
+    monkeypatch.setenv("MESA_STORE", str(tmp_path / "store"))
+    return tmp_path / "store"
+
+
+def _frame(rows):
+    return pd.DataFrame(rows).reset_index(drop=True)
+
+
+def test_units_hold_the_stages_rows_merge_and_are_not_run_twice(tmp_path, store):
+    cfg = make_config("smoke", **CPU)
+    folder = run_units(cfg, root=tmp_path / "figures")
+    assert folder == unit_folder(cfg, root=tmp_path / "figures")
+    assert pending_triggers(cfg, folder) == []
+    merged = merge_units(cfg, folder)
+    assert merged["missing"] == []
+    # The unit's rows are what the notebooks' stage functions give (same store, same seeds).
+    ctx = setup(cfg)
+    for trigger in cfg.triggers:
+        backdoor = backdoored_model(ctx, trigger)
+        for name, rows in (("detection", detect_target(ctx, backdoor)),
+                           ("defense_runs", compare_defenses(ctx, backdoor))):
+            part = merged[name][merged[name].trigger == trigger]
+            pd.testing.assert_frame_equal(_frame(part), _frame(rows), check_dtype=False)
+    assert set(merged["attack"].trigger) == set(cfg.triggers) == set(merged["staircase"].trigger)
+    # A second run finds every unit finished and writes nothing.
+    stamps = {t: unit_path(folder, t).stat().st_mtime_ns for t in cfg.triggers}
+    run_units(cfg, root=tmp_path / "figures")
+    assert stamps == {t: unit_path(folder, t).stat().st_mtime_ns for t in cfg.triggers}
+    record = json.loads(unit_path(folder, cfg.triggers[0]).read_text())
+    assert record["config_key"] == config_key(cfg) and set(record["tables"]) == set(TABLES)
+
+
+def test_a_unit_file_of_another_config_is_never_overwritten(tmp_path, store):
+    cfg = make_config("smoke", **CPU)
+    folder = unit_folder(cfg, root=tmp_path)
+    path = unit_path(folder, cfg.triggers[0])
+    path.parent.mkdir(parents=True)
+    other = make_config("smoke", **{"mesa.steps": 7})
+    path.write_text(json.dumps({"config_key": config_key(other), "tables": {}}))
+    with pytest.raises(ValueError, match="holds a unit of another config.*not overwritten"):
+        run_units(cfg, root=tmp_path)
+    assert json.loads(path.read_text())["config_key"] == config_key(other)
+    # the device is where a unit runs, not what it computes: same key
+    assert config_key(make_config("smoke", device="cuda")) == config_key(cfg)
+
+
+def test_ray_sweep_with_two_workers_equals_the_sequential_units_and_survives_a_failure(
+        tmp_path, store):
+    from mesa_utils.sweep import run_sweep
+    cfg = make_config("smoke", **CPU)
+    sequential = merge_units(cfg, run_units(cfg, outputs="sequential", root=tmp_path))
+    result = run_sweep("smoke", CPU, workers=2, outputs="ray", root=tmp_path)
+    assert sorted(result["done"]) == sorted(cfg.triggers) and not result["failed"]
+    parallel = merge_units(cfg, result["folder"])
+    for name in TABLES:
+        pd.testing.assert_frame_equal(parallel[name], sequential[name])
+    # A rerun skips every finished unit.
+    again = run_sweep("smoke", CPU, workers=2, outputs="ray", root=tmp_path)
+    assert again["done"] == [] and sorted(again["skipped"]) == sorted(cfg.triggers)
+    # A corrupt artefact makes one unit fail; it is reported with its trigger and traceback,
+    # the other unit finishes.
+    broken = make_config("smoke", **CPU, **{"attack.epochs": 2})
+    first, second = broken.triggers
+    ctx = setup(broken)
+    key = backdoored_model(ctx, second).key
+    (store / "backdoor" / f"{key}.pt").write_bytes(b"not an artefact")
+    result = run_sweep("smoke", {**CPU, "attack.epochs": 2}, workers=2, outputs="broken",
+                       root=tmp_path)
+    assert result["done"] == [first] and list(result["failed"]) == [second]
+    assert "cannot read cached" in result["failed"][second]
+    assert unit_path(result["folder"], second).with_suffix(".error.txt").exists()
+    assert merge_units(broken, result["folder"])["missing"] == [second]
