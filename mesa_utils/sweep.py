@@ -48,10 +48,13 @@ def run_sweep(profile: str, overrides: dict | None = None, workers: int | None =
     if not todo:
         return result
     clean_model(setup(cfg))      # shared by every unit: built once, before they start
+    # The driver's bar counts units; the stages' own bars inside workers would interleave.
+    quiet = {"env_vars": {"TQDM_DISABLE": "1"}}
     if address:
-        ray.init(address=address, ignore_reinit_error=True)
+        ray.init(address=address, runtime_env=quiet, ignore_reinit_error=True)
     else:
-        ray.init(num_cpus=workers, include_dashboard=False, ignore_reinit_error=True)
+        ray.init(num_cpus=workers, include_dashboard=False, runtime_env=quiet,
+                 ignore_reinit_error=True)
     try:
         task = ray.remote(num_cpus=cpus_per_unit, num_gpus=gpus_per_unit,
                           max_retries=0)(_unit_task)
