@@ -113,7 +113,8 @@ class Config:
     eval_size: int = 2000           # held-out evaluation split; the rest models triggers/retrains
     width: int = 64                 # ResNet-18 base channels (64 = the paper's)
     target: int = 0                 # attack target class
-    triggers: tuple = (170,)        # black-white trigger ids attacked (see triggers.BW_TRIGGER_IDS)
+    trigger_set: str = "black_white"    # or "random_colour" (Appendix B): triggers numbered 0..
+    triggers: tuple = (170,)        # trigger ids attacked (black-white: triggers.BW_TRIGGER_IDS)
     seed: int = 0
     device: str = "auto"            # "auto", "cpu", "cuda", "cuda:1", ...
     amp: str = "auto"               # bf16 autocast: "auto" (where hardware has bf16), "on", "off"
@@ -207,6 +208,19 @@ def make_config(profile: str | None = None, **overrides) -> Config:
         cfg = dataclasses.replace(cfg, **{section: inner})
     validate(cfg)
     return cfg
+
+
+def notebook_config(profile: str | None, overrides: dict, **parameters) -> Config:
+    """make_config for a notebook's parameters cell: its named parameters (`triggers`,
+    `target`, ...; None keeps the profile's value) and `overrides` (any other field). A field
+    given both ways raises ValueError instead of silently taking one of them."""
+    both = sorted(name for name, value in parameters.items()
+                  if value is not None and name in overrides)
+    if both:
+        raise ValueError(f"{', '.join(both)} given both as a notebook parameter and inside "
+                         f"overrides; give each once (e.g. -y 'triggers: [170]' or "
+                         f"-y 'overrides: {{\"triggers\": [170]}}')")
+    return make_config(profile, **{**parameters, **overrides})
 
 
 def _replace(obj, name, value, prefix=""):
@@ -321,17 +335,32 @@ class Flag(Rule):
 
 @dataclass(frozen=True)
 class TriggerId(Rule):
-    """One of the 51 canonical black-white trigger ids (triggers.BW_TRIGGER_IDS)."""
+    """A trigger id: an integer >= 0. Which ids exist depends on `trigger_set` (the 51
+    canonical black-white ids, or any number of a random-colour trigger), checked across
+    fields by _check_trigger_ids."""
 
     def __str__(self):
-        return "a canonical trigger id (one of the 51 in triggers.BW_TRIGGER_IDS)"
+        return "a trigger id (an integer >= 0)"
 
-    def check(self, name, value):
-        from .triggers import check_trigger_ids
+    def accepts(self, value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_trigger_ids(cfg) -> None:
+    """With trigger_set "black_white", every trigger id must be one of the 51 canonical ids."""
+    if cfg.trigger_set != "black_white":
+        return
+    from .triggers import check_trigger_ids
+    named = [(f"triggers[{i}]", t) for i, t in enumerate(cfg.triggers)]
+    named += [("study.trigger", cfg.study.trigger)]
+    named += [(f"visualization.triggers[{i}]", t) for i, t in enumerate(cfg.visualization.triggers)]
+    for name, trigger_id in named:
         try:
-            check_trigger_ids((value,))
+            check_trigger_ids((trigger_id,))
         except ValueError as error:     # its text says why: out of 0..511, or which id to use
-            raise ValueError(f"{name} must be {self}, got {value!r}: {error}") from None
+            raise ValueError(f"{name} must be a canonical trigger id (one of the 51 in "
+                             f"triggers.BW_TRIGGER_IDS) with trigger_set 'black_white', got "
+                             f"{trigger_id!r}: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -405,6 +434,7 @@ CONFIG_RULES = {
     "eval_size": COUNT,                     # and below the test set size: _check_across_fields
     "width": COUNT,
     "target": INDEX,                        # and below the dataset's classes: across fields
+    "trigger_set": OneOf(("black_white", "random_colour")),
     "triggers": Each(TriggerId(), distinct=True),   # a repeat would only duplicate rows
     "seed": INDEX,
     "device": DeviceName(),
@@ -543,6 +573,7 @@ def mine_staleness(rate: float, steps: int) -> float:
 
 def _check_across_fields(cfg: Config) -> None:
     """Limits that depend on another field or on which section a dataclass fills."""
+    _check_trigger_ids(cfg)
     num_classes = 10 if cfg.dataset == "cifar10" else 100
     if cfg.target >= num_classes:
         raise ValueError(f"target must be an integer in [0, {num_classes - 1}], got "

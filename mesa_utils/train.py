@@ -21,7 +21,7 @@ from .data import STATS, Loader, Splits, prepare_splits, to_pixels
 from .intervals import wilson_interval
 from .models import ResNet18
 from .store import REPO_ROOT, NonFiniteError, Store, spec_key
-from .triggers import TriggerPaster, poison, trigger_from_id
+from .triggers import TriggerPaster, poison, trigger_pattern
 
 
 def progress(iterable, desc: str):
@@ -289,14 +289,17 @@ def clean_model(ctx: Context):
 
 def backdoor_spec(ctx: Context, trigger_id: int) -> dict:
     cfg = ctx.cfg
-    return {"stage": "backdoor", "parent": spec_key(clean_spec(ctx)), "trigger": trigger_id,
+    spec = {"stage": "backdoor", "parent": spec_key(clean_spec(ctx)), "trigger": trigger_id,
             "target": cfg.target, "train": to_dict(cfg.attack), "seed": cfg.seed,
             "amp": str(ctx.amp)}
+    if cfg.trigger_set != "black_white":   # the black-white keys stay those made before sets
+        spec["trigger_set"] = cfg.trigger_set
+    return spec
 
 
-def original_source(trigger_id: int) -> TriggerPaster:
+def original_source(trigger_id: int, trigger_set: str = "black_white") -> TriggerPaster:
     """The attacker's trigger as a trigger source (pasted at a random position per image)."""
-    return TriggerPaster(trigger_from_id(trigger_id))
+    return TriggerPaster(trigger_pattern(trigger_set, trigger_id))
 
 
 @dataclass(frozen=True)
@@ -305,12 +308,13 @@ class Backdoor:
 
     key: its store key, the `parent` of every artefact made from it (generators, reversals,
     retrained models). record: state_dict, history, and clean_accuracy and asr in [0, 1] on
-    the 2K eval split.
+    the 2K eval split. trigger_set: where `trigger` is from (triggers.trigger_pattern).
     """
     trigger: int
     target: int
     key: str
     record: dict
+    trigger_set: str = "black_white"
 
     @property
     def asr(self) -> float:
@@ -326,7 +330,7 @@ class Backdoor:
 
     def source(self) -> TriggerPaster:
         """Its original trigger as a trigger source."""
-        return original_source(self.trigger)
+        return original_source(self.trigger, self.trigger_set)
 
 
 def backdoored_model(ctx: Context, trigger_id: int) -> Backdoor:
@@ -337,7 +341,7 @@ def backdoored_model(ctx: Context, trigger_id: int) -> Backdoor:
 
     def build():
         model, _ = clean_model(ctx)
-        source = original_source(trigger_id)
+        source = original_source(trigger_id, cfg.trigger_set)
         history = fit(ctx, model, ctx.splits.train_images, ctx.splits.train_labels, cfg.attack,
                       "attack", source=source, target=cfg.target, seed=cfg.seed + trigger_id,
                       desc=f"attack {trigger_id}")
@@ -348,7 +352,7 @@ def backdoored_model(ctx: Context, trigger_id: int) -> Backdoor:
                 "asr": attack_success_rate(ctx, model, ctx.splits.eval_images,
                                            ctx.splits.eval_labels, source, cfg.target)}
     record = ctx.store.get_or_build("backdoor", spec, build)
-    return Backdoor(trigger_id, cfg.target, spec_key(spec), record)
+    return Backdoor(trigger_id, cfg.target, spec_key(spec), record, cfg.trigger_set)
 
 
 def attack_table(ctx: Context, backdoors: list):

@@ -1,4 +1,4 @@
-"""The 51 black-white 3x3 triggers, random colour triggers, pasting and poisoning.
+"""The 51 black-white 3x3 triggers, random-colour triggers, pasting and poisoning.
 
 A black-white trigger is a 9-bit pattern (most significant bit top-left, row-major; the same
 value in R, G, B). Two patterns are the same trigger when a rotation, a flip, a colour
@@ -62,9 +62,27 @@ def black_white_triggers() -> torch.Tensor:
     return torch.stack([trigger_from_id(i) for i in BW_TRIGGER_IDS])
 
 
-def random_color_triggers(n: int, seed: int, size: int = 3) -> torch.Tensor:
-    """(n, 3, size, size) float in [0, 1]: seeded random colour triggers (Appendix B)."""
-    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+TRIGGER_SETS = ("black_white", "random_colour")
+
+
+def random_colour_trigger(number: int) -> torch.Tensor:
+    """(3, 3, 3) float in [0, 1): random-colour trigger `number` (Appendix B), every value
+    uniform, drawn from the seed `number`: the same trigger on every machine and run."""
+    if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+        raise ValueError(f"a random-colour trigger is numbered by an integer >= 0, got "
+                         f"{number!r}")
+    return torch.rand(3, 3, 3, generator=torch.Generator().manual_seed(number))
+
+
+def trigger_pattern(trigger_set: str, trigger_id: int) -> torch.Tensor:
+    """(3, 3, 3) float in [0, 1]: trigger `trigger_id` of `trigger_set` ("black_white": a
+    9-bit pattern, trigger_from_id; "random_colour": random_colour_trigger)."""
+    if trigger_set == "black_white":
+        return trigger_from_id(trigger_id)
+    if trigger_set == "random_colour":
+        return random_colour_trigger(trigger_id)
+    raise ValueError(f"unknown trigger set {trigger_set!r}; choose one of "
+                     f"{', '.join(TRIGGER_SETS)}")
 
 
 def random_positions(n, image_size, trigger_size, device=None, generator=None) -> torch.Tensor:

@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from mesa_utils.config import PROFILES, RULES, Config, make_config, validate
+from mesa_utils.config import PROFILES, RULES, Config, make_config, notebook_config, validate
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -79,7 +79,10 @@ INVALID = [
     ({"mesa.batch_size": 0}, "mesa.batch_size must be an integer >= 2, got 0"),
     ({"attack.lr": -0.1}, "attack.lr must be > 0 and finite, got -0.1"),
     ({"triggers": []}, "triggers must be a non-empty tuple of distinct values, each a "
-                       "canonical trigger id"),
+                       "trigger id (an integer >= 0), got ()"),
+    ({"triggers": [-1]}, "triggers[0] must be a trigger id (an integer >= 0), got -1"),
+    ({"trigger_set": "colour"}, "trigger_set must be one of 'black_white', 'random_colour', "
+                                "got 'colour'"),
     ({"triggers": [170, 170]}, "got (170, 170): 170 repeats"),
     ({"study.beta": 1.0}, "study.beta must be in (0, 1), got 1.0"),
     ({"detection.threshold": 1.5}, "detection.threshold must be in (0, 1), got 1.5"),
@@ -95,7 +98,11 @@ INVALID = [
     ({"target": -1}, "target must be an integer >= 0, got -1"),
     ({"target": 10}, "target must be an integer in [0, 9], got 10"),
     ({"dataset": "cifar100", "target": 100}, "target must be an integer in [0, 99], got 100"),
-    ({"triggers": [170, 999]}, "triggers[1] must be a canonical trigger id"),
+    ({"triggers": [170, 999]}, "triggers[1] must be a canonical trigger id (one of the 51 in "
+                               "triggers.BW_TRIGGER_IDS) with trigger_set 'black_white', got 999"),
+    ({"triggers": [170, 511]}, "got 511: trigger id 511 is not one of the 51 canonical ids; "
+                               "it is the same trigger as 0"),
+    ({"visualization.triggers": [6]}, "visualization.triggers[0] must be a canonical trigger id"),
     ({"seed": -1}, "seed must be an integer >= 0, got -1"),
     ({"device": "gpu!"}, "device must be 'auto' or a torch device such as 'cpu', 'cuda', "
                          "'cuda:1', got 'gpu!'"),
@@ -112,7 +119,7 @@ INVALID = [
     ({"study.alphas": [INF]}, "study.alphas[0] must be >= 0 and finite, got inf"),
     ({"study.beta": 0.0}, "study.beta must be in (0, 1), got 0.0"),
     ({"visualization.triggers": [170, 170]}, "visualization.triggers must be a tuple of "
-                                             "distinct values, each a canonical trigger id"),
+                                             "distinct values, each a trigger id"),
     ({"visualization.triggers": [186]}, "visualization.triggers must be among triggers "
                                         "(170, 0) (or () for all of them), got (186,): 186 is "
                                         "not attacked in this run"),
@@ -257,6 +264,19 @@ def test_every_profile_passes_every_rule(profile):
     {"mesa.mine_ema_rate": 1.0, "neural_cleanse.asr_threshold": 1.0, "mesa.alpha": 0.0},
     {"eval_size": 767, "seed": 0, "mesa.adam_betas": [0, 0.999]},
     {"visualization.triggers": [], "visualization.samples": 2},     # () = every trigger
+    # random-colour triggers are numbered: any integer >= 0, canonical or not
+    {"trigger_set": "random_colour", "triggers": [0, 6, 511, 10 ** 6], "study.trigger": 3,
+     "visualization.triggers": [6]},
 ])
 def test_values_at_the_limits_are_accepted(overrides):
     make_config("smoke", **overrides)
+
+
+def test_notebook_parameters_and_overrides_combine_and_never_collide_silently():
+    cfg = notebook_config("smoke", {"mesa.steps": 7}, triggers=[170], target=None, seed=2)
+    assert cfg.triggers == (170,) and cfg.seed == 2 and cfg.mesa.steps == 7 and cfg.target == 0
+    # a parameter left at None may come from overrides instead
+    assert notebook_config("smoke", {"seed": 3}, seed=None).seed == 3
+    with pytest.raises(ValueError, match="triggers given both as a notebook parameter and "
+                                         "inside overrides; give each once"):
+        notebook_config("smoke", {"triggers": [0]}, triggers=[170])

@@ -51,7 +51,7 @@ def test_clean_and_backdoor_keys_change_with_exactly_the_fields_that_make_them(t
         if spec_key(backdoor_spec(ctx, 170)) != base_backdoor:
             moves_backdoor.add(name)
     assert moves_clean == split | {"width"} | clean_fields
-    assert moves_backdoor == moves_clean | attack_fields | {"target"}
+    assert moves_backdoor == moves_clean | attack_fields | {"target", "trigger_set"}
     assert spec_key(backdoor_spec(toy_ctx, 186)) != base_backdoor
 
 

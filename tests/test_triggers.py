@@ -3,7 +3,8 @@ import torch
 
 from mesa_utils.triggers import (BW_TRIGGER_IDS, TriggerPaster, apply_trigger,
                                  black_white_triggers, check_trigger_ids, pattern_from_id,
-                                 poison, random_color_triggers, symmetry_class, trigger_from_id)
+                                 poison, random_colour_trigger, symmetry_class, trigger_from_id,
+                                 trigger_pattern)
 
 # The smallest members of the 51 classes, as listed from the authors' code.
 AUTHORS_IDS = [0, 1, 2, 3, 5, 7, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 21, 23, 26, 27, 28, 29,
@@ -54,11 +55,21 @@ def test_non_canonical_id_names_its_canonical_form():
         check_trigger_ids([511])
 
 
-def test_random_color_triggers_are_seeded():
-    a, b = random_color_triggers(5, seed=3), random_color_triggers(5, seed=3)
-    assert torch.equal(a, b) and a.shape == (5, 3, 3, 3)
-    assert not torch.equal(a, random_color_triggers(5, seed=4))
+def test_random_colour_triggers_are_numbered_and_seeded():
+    a, b = random_colour_trigger(3), random_colour_trigger(3)
+    assert torch.equal(a, b) and a.shape == (3, 3, 3)
+    assert not torch.equal(a, random_colour_trigger(4))
     assert 0 <= a.min() and a.max() <= 1
+    assert ((a > 0.01) & (a < 0.99)).any()            # colours, not black and white
+    with pytest.raises(ValueError, match="integer >= 0"):
+        random_colour_trigger(-1)
+
+
+def test_trigger_pattern_picks_the_set():
+    assert torch.equal(trigger_pattern("black_white", 170), trigger_from_id(170))
+    assert torch.equal(trigger_pattern("random_colour", 170), random_colour_trigger(170))
+    with pytest.raises(ValueError, match="unknown trigger set 'grey'"):
+        trigger_pattern("grey", 170)
 
 
 def test_apply_trigger_places_each_trigger_at_its_corner_only():

@@ -6,11 +6,13 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 from mesa_utils.config import make_config
 from mesa_utils.defense import compare_defenses
 from mesa_utils.mesa import detect_target
-from mesa_utils.train import backdoored_model, setup
+from mesa_utils.train import backdoor_spec, backdoored_model, setup
+from mesa_utils.triggers import random_colour_trigger
 from mesa_utils.units import (TABLES, config_key, merge_units, pending_triggers, run_units,
                               unit_folder, unit_path)
 
@@ -92,3 +94,21 @@ def test_ray_sweep_with_two_workers_equals_the_sequential_units_and_survives_a_f
     assert "cannot read cached" in result["failed"][second]
     assert unit_path(result["folder"], second).with_suffix(".error.txt").exists()
     assert merge_units(broken, result["folder"])["missing"] == [second]
+
+
+def test_a_random_colour_trigger_set_runs_through_the_same_units(tmp_path, store):
+    # Appendix B's random-colour triggers: numbered, seeded, attacked and defended alike
+    cfg = make_config("smoke", **CPU, trigger_set="random_colour", triggers=(3,),
+                      **{"visualization.triggers": ()})
+    merged = merge_units(cfg, run_units(cfg, root=tmp_path))
+    assert merged["missing"] == [] and set(merged["defense_runs"].trigger) == {3}
+    ctx = setup(cfg)
+    backdoor = backdoored_model(ctx, 3)
+    assert backdoor.trigger_set == "random_colour"
+    assert torch.equal(backdoor.source().trigger, random_colour_trigger(3))
+    # its models are keyed apart from black-white trigger 3; black-white keys are unchanged
+    black_white = setup(make_config("smoke", **CPU, triggers=(3,),
+                                    **{"visualization.triggers": ()}))
+    assert "trigger_set" not in backdoor_spec(black_white, 3)
+    assert backdoor_spec(ctx, 3) == {**backdoor_spec(black_white, 3),
+                                     "trigger_set": "random_colour"}
