@@ -10,6 +10,8 @@
 #                                         the per-trigger units as Ray tasks (mesa_utils/sweep.py):
 #                                         N local workers, or a running cluster at A ('auto');
 #                                         results in figures/<profile>/units/, finished units skipped
+#   ./run_all.sh --prepare-device         copy what a GPU machine without internet needs (the CIFAR-10
+#                                         archive) into .device/ and print the one command to run there
 #   ./run_all.sh --refresh-notebooks      all notebooks, quick profile, then their outputs into the
 #                                         committed notebooks, stamped with the commit (which must
 #                                         hold all code: no uncommitted changes, no other options)
@@ -28,6 +30,7 @@ REFRESH=0
 ONLY=
 ONLY_GIVEN=0
 SWEEP=0
+PREPARE=0
 WORKERS=
 ADDRESS=
 PASSTHROUGH=()
@@ -47,7 +50,8 @@ while (($#)); do
         --address) [[ $# -ge 2 && $2 != -* ]] || { echo "error: --address needs a Ray cluster address, e.g. --address auto" >&2; exit 2; }
                    ADDRESS=$2; SWEEP=1; shift 2 ;;
         --address=*) ADDRESS=${1#--address=}; SWEEP=1; shift ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        --prepare-device) PREPARE=1; shift ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         *) PASSTHROUGH+=("$1"); shift ;;
     esac
 done
@@ -61,6 +65,27 @@ if [[ $MODE == test && $ONLY_GIVEN == 1 ]]; then
 fi
 if [[ $MODE == test && $PROFILE_GIVEN == 1 && $PROFILE != smoke ]]; then
     echo "error: --test always uses the smoke profile; leave out --profile $PROFILE" >&2; exit 2
+fi
+
+# --prepare-device: the units run on a GPU machine with its own torch (and pandas, tqdm, ...)
+# but no internet and no ../shared: the data archive travels in .device/ (git-ignored).
+if [[ $PREPARE == 1 ]]; then
+    (( ${#PASSTHROUGH[@]} == 0 && ONLY_GIVEN == 0 && SWEEP == 0 && REFRESH == 0 )) && [[ $MODE == run ]] || {
+        echo "error: --prepare-device takes no other options except --profile" >&2; exit 2; }
+    archive=${MESA_CIFAR10_ARCHIVE:-}
+    if [[ -z $archive ]]; then
+        for candidate in data/cifar10-jpg.tar.gz ../shared/data/cifar10-jpg.tar.gz; do
+            [[ -f $candidate ]] && { archive=$candidate; break; }
+        done
+    fi
+    [[ -n $archive && -f $archive ]] || {
+        echo "error: no CIFAR-10 archive to carry: set MESA_CIFAR10_ARCHIVE or put cifar10-jpg.tar.gz in data/ or ../shared/data/" >&2; exit 1; }
+    mkdir -p .device
+    install -m 0644 "$archive" .device/cifar10-jpg.tar.gz
+    [[ ! -f $archive.sha256 ]] || install -m 0644 "$archive.sha256" .device/cifar10-jpg.tar.gz.sha256
+    echo "prepared .device/ ($(du -sh .device | cut -f1)): carry it (device tool: carry [\".device\"]) and run there, from the repository root:"
+    echo "  MESA_CIFAR10_ARCHIVE=.device/cifar10-jpg.tar.gz PYTHONUNBUFFERED=1 python3 -m mesa_utils.units --profile $PROFILE --outputs $PROFILE --overrides '{\"triggers\": [0, 1, 2], \"visualization.triggers\": []}' && tar czf \$OUT/units.tgz figures/$PROFILE/units"
+    exit 0
 fi
 
 # The sweep runs units, not notebooks: options of the notebook modes would be ignored there.

@@ -14,14 +14,14 @@ status is non-zero when any failed. On a cluster (`--address`), nodes that do no
 repository's data/ folder each train the clean model once.
 """
 import argparse
-import json
 import sys
 import traceback
 
 from .config import make_config
 from .store import write_json
 from .train import clean_model, progress, setup
-from .units import pending_triggers, unit_folder, unit_path, unit_record
+from .units import (add_run_arguments, config_from_arguments, pending_triggers, unit_folder,
+                    unit_path, unit_record)
 
 
 def _unit_task(profile: str, overrides: dict, trigger: int, threads: int) -> dict:
@@ -82,10 +82,7 @@ def run_sweep(profile: str, overrides: dict | None = None, workers: int | None =
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mesa_utils.sweep",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", default=None, help="smoke, quick or paper (default: "
-                        "$MESA_PROFILE, else quick)")
-    parser.add_argument("--overrides", default="{}", help="config overrides as JSON, e.g. "
-                        "'{\"triggers\": [170, 15], \"mesa.steps\": 100}'")
+    add_run_arguments(parser)
     parser.add_argument("--workers", type=int, default=None,
                         help="CPUs of the local Ray (default: all); units run one per CPU")
     parser.add_argument("--address", default=None, help="join a running Ray cluster "
@@ -93,20 +90,12 @@ def main(argv=None) -> int:
     parser.add_argument("--cpus-per-unit", type=int, default=1)
     parser.add_argument("--gpus-per-unit", type=float, default=0.0,
                         help="GPU share of a unit, e.g. 0.25 packs four units per GPU")
-    parser.add_argument("--outputs", default=None, help="folder under figures/ (default: the "
-                        "profile's, or <profile>-<config hash> with overrides)")
     args = parser.parse_args(argv)
-    try:
-        overrides = json.loads(args.overrides)
-        if not isinstance(overrides, dict):
-            raise ValueError("not a JSON object")
-    except ValueError as error:
-        parser.error(f"--overrides must be a JSON object of config fields ({error}), got "
-                     f"{args.overrides!r}")
+    profile, overrides, _ = config_from_arguments(parser, args)
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers must be 1 or more, got {args.workers}")
-    result = run_sweep(args.profile or make_config().profile, overrides, args.workers,
-                       args.address, args.cpus_per_unit, args.gpus_per_unit, args.outputs)
+    result = run_sweep(profile, overrides, args.workers, args.address, args.cpus_per_unit,
+                       args.gpus_per_unit, args.outputs)
     print(f"units in {result['folder']}: {len(result['done'])} run, "
           f"{len(result['skipped'])} already there, {len(result['failed'])} failed"
           + "".join(f"\n  trigger {t}: {e}" for t, e in result["failed"].items()))

@@ -16,28 +16,34 @@ already there is a finished unit (skipped by `pending_triggers`); one written un
 config is never overwritten: the run stops and names it. Units run one after another here, or
 as Ray tasks over local or cluster workers (sweep.py).
 """
+import argparse
 import dataclasses
 import datetime
 import json
+import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 
-from .config import to_dict
+from .config import StudyConfig, VisualizationConfig, make_config, to_dict
 from .defense import compare_defenses, neural_cleanse_row
 from .mesa import detect_target, staircase_bank
 from .outputs import code_version, output_folder
 from .store import REPO_ROOT, spec_key, write_json
-from .train import attack_table, backdoored_model, clean_model, setup
+from .train import attack_table, backdoored_model, clean_model, progress, setup
 
 TABLES = ("attack", "detection", "staircase", "defense_runs", "neural_cleanse")
 
 
 def config_key(cfg) -> str:
     """The hash of everything a unit's rows depend on: the config less the device (where a
-    run computes, not what) and the trigger list (a unit is one trigger)."""
-    return spec_key(to_dict(dataclasses.replace(cfg, device="auto", triggers=(0,))))
+    run computes, not what), the trigger list (a unit is one trigger) and the sections of
+    notebooks 03 and 05 (study, visualization), which no unit uses. Units of one profile run
+    in several batches of triggers therefore merge."""
+    neutral = dataclasses.replace(cfg, device="auto", triggers=(0,), study=StudyConfig(),
+                                  visualization=VisualizationConfig())
+    return spec_key(to_dict(neutral))
 
 
 def unit_folder(cfg, outputs: str | None = None, root=None) -> Path:
@@ -114,7 +120,7 @@ def run_units(cfg, outputs: str | None = None, root=None) -> Path:
     if todo:
         ctx = setup(cfg)
         clean_model(ctx)
-        for trigger in todo:
+        for trigger in progress(todo, f"units ({cfg.profile})"):
             run_unit(ctx, trigger, folder)
     return folder
 
@@ -128,3 +134,54 @@ def merge_units(cfg, folder: Path) -> dict:
               for name in TABLES}
     merged["missing"] = [t for t in cfg.triggers if units[t] is None]
     return merged
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: `python -m mesa_utils.units` runs the units one after another in this process
+# (no Ray needed: e.g. on a GPU machine with its own torch); sweep.py runs them as Ray tasks.
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of every way of running units: --profile, --overrides, --outputs."""
+    parser.add_argument("--profile", default=None, help="smoke, quick or paper (default: "
+                        "$MESA_PROFILE, else quick)")
+    parser.add_argument("--overrides", default="{}", help="config overrides as JSON, e.g. "
+                        "'{\"triggers\": [170, 15], \"mesa.steps\": 100}'")
+    parser.add_argument("--outputs", default=None, help="folder under figures/ (default: the "
+                        "profile's, or <profile>-<config hash> with overrides)")
+
+
+def config_from_arguments(parser: argparse.ArgumentParser, args):
+    """(profile, overrides, cfg) from add_run_arguments' options; bad ones end in
+    parser.error naming what was wrong."""
+    try:
+        overrides = json.loads(args.overrides)
+        if not isinstance(overrides, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as error:
+        parser.error(f"--overrides must be a JSON object of config fields ({error}), got "
+                     f"{args.overrides!r}")
+    try:
+        cfg = make_config(args.profile, **overrides)
+    except ValueError as error:
+        parser.error(str(error))
+    return cfg.profile, overrides, cfg
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mesa_utils.units",
+                                     description="Run every per-trigger unit without a result "
+                                                 "file, one after another in this process.")
+    add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    _, _, cfg = config_from_arguments(parser, args)
+    start = time.time()
+    folder = unit_folder(cfg, args.outputs)
+    todo = pending_triggers(cfg, folder)
+    run_units(cfg, args.outputs)
+    print(f"units in {folder}: {len(todo)} run in {time.time() - start:.0f} s, "
+          f"{len(cfg.triggers) - len(todo)} already there")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -219,3 +219,25 @@ def test_run_all_refresh_puts_stamped_quick_outputs_into_the_committed_notebooks
     assert (stamp["profile"], stamp["commit"]) == ("quick", head)
     from mesa_utils.committed import stamp_problems
     assert stamp_problems(committed, repo=tmp_path) == []
+
+
+def test_prepare_device_carries_the_archive_and_prints_the_command(tmp_path):
+    repo_copy(tmp_path, {})
+    archive = tmp_path / "elsewhere" / "cifar10-jpg.tar.gz"
+    archive.parent.mkdir()
+    archive.write_bytes(b"archive bytes")
+    env = {**os.environ, "MESA_CIFAR10_ARCHIVE": str(archive)}
+    result = subprocess.run(["bash", str(tmp_path / "run_all.sh"), "--profile", "paper",
+                             "--prepare-device"], capture_output=True, text=True, env=env,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / ".device" / "cifar10-jpg.tar.gz").read_bytes() == b"archive bytes"
+    assert "python3 -m mesa_utils.units --profile paper --outputs paper" in result.stdout
+    refused = subprocess.run(["bash", str(tmp_path / "run_all.sh"), "--prepare-device",
+                              "--only", "01"], capture_output=True, text=True, env=env,
+                             timeout=60)
+    assert refused.returncode == 2 and "takes no other options" in refused.stderr
+    missing = subprocess.run(["bash", str(tmp_path / "run_all.sh"), "--prepare-device"],
+                             capture_output=True, text=True, timeout=60,
+                             env={**env, "MESA_CIFAR10_ARCHIVE": str(tmp_path / "none.tgz")})
+    assert missing.returncode == 1 and "no CIFAR-10 archive to carry" in missing.stderr

@@ -64,8 +64,26 @@ def test_a_unit_file_of_another_config_is_never_overwritten(tmp_path, store):
     with pytest.raises(ValueError, match="holds a unit of another config.*not overwritten"):
         run_units(cfg, root=tmp_path)
     assert json.loads(path.read_text())["config_key"] == config_key(other)
-    # the device is where a unit runs, not what it computes: same key
+    # the device is where a unit runs, not what it computes; the trigger list and notebook
+    # 03/05's sections are no unit's business: units run in batches of triggers merge
     assert config_key(make_config("smoke", device="cuda")) == config_key(cfg)
+    batch = make_config("smoke", triggers=(15, 186), **{"visualization.triggers": (),
+                                                       "study.samples": 9})
+    assert config_key(batch) == config_key(cfg) != config_key(other)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--overrides", "[1]"], "--overrides must be a JSON object of config fields"),
+    (["--overrides", "{"], "--overrides must be a JSON object of config fields"),
+    (["--profile", "smoke", "--overrides", '{"mesa.steps": 0}'],
+     "mesa.steps must be an integer >= 1, got 0"),
+])
+@pytest.mark.parametrize("module", ["units", "sweep"])
+def test_unit_commands_reject_bad_arguments_before_any_work(module, args, message, capsys):
+    main = __import__(f"mesa_utils.{module}", fromlist=["main"]).main
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_ray_sweep_with_two_workers_equals_the_sequential_units_and_survives_a_failure(
