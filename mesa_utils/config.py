@@ -151,9 +151,10 @@ def _smoke() -> Config:
 
 
 def _quick() -> Config:
-    # Calibrated on a 2-core CPU (README, "Profiles"): a ResNet-18 of width 16; the attack keeps
-    # the paper's number of poisoned images seen (~5,000) in one epoch, since exposure, not
-    # epochs, plants a backdoor. Retraining pastes 3,200 triggers (paper: ~800): at 800 even
+    # Calibrated on a 2-core CPU (README, "Profiles"): a ResNet-18 of width 16; the attack shows
+    # about the paper's number of poisoned images (~5,000) in one epoch, at 10x the paper's poison
+    # rate and 10x its learning rate (which of the two plants the backdoor is not yet separated).
+    # Retraining pastes 3,200 triggers (paper: ~800): at 800 even
     # the ideal defence left 9.2% ASR on this stronger, shorter-trained backdoor; at 3,200, 4.4%.
     return Config(
         profile="quick", width=16, triggers=(170, 186, 15),
