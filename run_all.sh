@@ -78,7 +78,9 @@ if [[ $PREPARE == 1 ]]; then
             [[ -f $candidate ]] && { archive=$candidate; break; }
         done
     fi
-    [[ -n $archive && -f $archive ]] || {
+    [[ -z ${MESA_CIFAR10_ARCHIVE:-} || -f $archive ]] || {
+        echo "error: no CIFAR-10 archive to carry: \$MESA_CIFAR10_ARCHIVE names $archive, which does not exist; correct or unset it" >&2; exit 1; }
+    [[ -n $archive ]] || {
         echo "error: no CIFAR-10 archive to carry: set MESA_CIFAR10_ARCHIVE or put cifar10-jpg.tar.gz in data/ or ../shared/data/" >&2; exit 1; }
     mkdir -p .device
     install -m 0644 "$archive" .device/cifar10-jpg.tar.gz

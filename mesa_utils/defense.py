@@ -230,13 +230,12 @@ def defense_sources(ctx: Context, backdoor: Backdoor) -> list:
     runs.append(("mesa_mixture", None, None, bank.sampler(),
                  {"kind": "mesa", "bank": bank.key,
                   "members": [asdict(m) for m in bank.members]}))
-    if all(row["empty"] for row in bank.evaluation):
-        # Algorithm 1 gives every empty sub-model weight 0: with all empty there is no mixture
+    entropy_mixture = bank.entropy_sampler()
+    if entropy_mixture is None:
         warnings.warn(f"trigger {backdoor.trigger}: every MESA sub-model is empty (mean target "
                       "softmax below its beta), so Algorithm 1's mixture is undefined and "
                       "mesa_entropy_mixture is left out for this trigger")
     else:
-        entropy_mixture = bank.entropy_sampler()
         runs.append(("mesa_entropy_mixture", None, None, entropy_mixture,
                      {"kind": "mesa", "bank": bank.key,
                       "members": [asdict(m) for m in bank.members],

@@ -360,11 +360,14 @@ class Bank:
         members = self.members if members is None else list(members)
         return GeneratorSampler(self.generators, [self.position(m) for m in members], weights)
 
-    def entropy_sampler(self, members=None) -> GeneratorSampler:
+    def entropy_sampler(self, members=None) -> GeneratorSampler | None:
         """The mixture of `members` (default all) weighted as Algorithm 1 (entropy_weights:
-        MI estimates and empty flags of the evaluation, the members' step widths)."""
+        MI estimates and empty flags of the evaluation, the members' step widths); None when
+        every one of them is empty, where Algorithm 1 defines no mixture."""
         members = self.members if members is None else list(members)
         rows = [self.evaluation_of(m) for m in members]
+        if all(r["empty"] for r in rows):
+            return None
         weights = entropy_weights([r["mi"] for r in rows], [bool(r["empty"]) for r in rows],
                                   [m.beta for m in members])
         return self.sampler(members, weights)

@@ -222,6 +222,8 @@ def test_a_banks_entropy_mixture_weights_its_members_as_algorithm_1():
     sampler = bank.entropy_sampler()
     assert torch.allclose(sampler.weights, torch.tensor([5 / 8, 3 / 8, 0.0]))
     assert sampler.positions == [0, 1, 2]
+    # every member empty: Algorithm 1 defines no mixture
+    assert bank.entropy_sampler(members[2:]) is None
 
 
 class ToyBackdoor(Backdoor):

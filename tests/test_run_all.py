@@ -241,3 +241,4 @@ def test_prepare_device_carries_the_archive_and_prints_the_command(tmp_path):
                              capture_output=True, text=True, timeout=60,
                              env={**env, "MESA_CIFAR10_ARCHIVE": str(tmp_path / "none.tgz")})
     assert missing.returncode == 1 and "no CIFAR-10 archive to carry" in missing.stderr
+    assert "none.tgz, which does not exist" in missing.stderr
