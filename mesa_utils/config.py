@@ -105,6 +105,35 @@ class NeuralCleanseConfig:
 
 
 @dataclass(frozen=True)
+class BlendedConfig:
+    """Blended attack (Chen et al., 2017), SampDetox's positive control (notebooks 01, 06):
+    x' = (1 - ratio) x + ratio * noise, one fixed uniform noise image over the whole picture,
+    trained with the same recipe as the patch attacks (`attack`)."""
+    ratio: float = 0.1              # low: the trigger is hard to see
+    seed: int = 0                   # draws the noise image (triggers.blend_pattern)
+
+
+@dataclass(frozen=True)
+class SampDetoxConfig:
+    """SampDetox (Yang et al., NeurIPS 2024; notebook 06): a DDPM trained here on the clean
+    training images, then two-stage purification of every input (the paper's t1, t2)."""
+    timesteps: int = 1000           # T of the cosine-schedule DDPM
+    channels: tuple = (128, 256, 256, 256)  # UNet widths per resolution (32, 16, 8, 4 pixels);
+    layers_per_block: int = 2               # attention at the lowest resolution
+    train_steps: int = 100000
+    batch_size: int = 128
+    lr: float = 2e-4                # AdamW
+    ema_decay: float = 0.9999       # the purifying UNet is the average of the training weights
+    # training timesteps are drawn uniformly from [0, max_train_timestep): purification never
+    # denoises from above t2, so a model for quick may concentrate on those steps
+    max_train_timestep: int = 1000
+    t1: int = 20                    # stage 1: global noise level (the paper's)
+    t2: int = 120                   # stage 2: the highest per-pixel noise level (the paper's)
+    eval_images: int = 0            # the first images of the 2K eval split purified (0 = all)
+    eval_batch_size: int = 250      # images purified together
+
+
+@dataclass(frozen=True)
 class Config:
     profile: str
     dataset: str = "cifar10"        # "cifar10" or "cifar100"
@@ -130,6 +159,8 @@ class Config:
     baseline: BaselineConfig = BaselineConfig()
     neural_cleanse: NeuralCleanseConfig = NeuralCleanseConfig()
     visualization: VisualizationConfig = VisualizationConfig()
+    blended: BlendedConfig = BlendedConfig()
+    sampdetox: SampDetoxConfig = SampDetoxConfig()
     save_retrained: bool = True     # keep retrained weights in the store (51 x 17 in `paper`)
 
 
@@ -147,6 +178,9 @@ def _smoke() -> Config:
         defense=TrainConfig(epochs=1, lr=1e-2, poison_rate=0.1, **tiny),
         baseline=BaselineConfig(starts=2, steps=5, batch_size=16),
         neural_cleanse=NeuralCleanseConfig(steps=10, batch_size=16, check_every=5, patience=1),
+        sampdetox=SampDetoxConfig(channels=(8, 16), layers_per_block=1, train_steps=5,
+                                  batch_size=16, ema_decay=0.5, max_train_timestep=200,
+                                  eval_images=32, eval_batch_size=32),
     )
 
 
@@ -169,6 +203,13 @@ def _quick() -> Config:
         defense=TrainConfig(epochs=4, lr=1e-3, poison_rate=0.1),
         baseline=BaselineConfig(starts=3),
         neural_cleanse=NeuralCleanseConfig(steps=300),
+        # A 1.1M-parameter UNet sized to train in ~15 min on the 2-core CPU (0.5 s a step),
+        # on timesteps below 200 only: purification starts at t2 = 120 at most. 300 eval
+        # images: purifying costs 140 UNet passes each (~0.35 s an image here).
+        sampdetox=SampDetoxConfig(channels=(32, 64, 64), layers_per_block=1, train_steps=1800,
+                                  batch_size=64, lr=5e-4, ema_decay=0.999,
+                                  max_train_timestep=200, eval_images=300,
+                                  eval_batch_size=300),
     )
 
 
@@ -526,6 +567,26 @@ NEURAL_CLEANSE_RULES = {
     "anomaly_threshold": POSITIVE,
 }
 
+BLENDED_RULES = {
+    "ratio": OPEN_UNIT,                     # 0 pastes nothing, 1 replaces the image
+    "seed": INDEX,
+}
+
+SAMPDETOX_RULES = {
+    "timesteps": Range(low=2, integer=True),
+    "channels": Each(COUNT),                # one width per resolution, halving from 32x32
+    "layers_per_block": COUNT,
+    "train_steps": COUNT,
+    "batch_size": COUNT,
+    "lr": POSITIVE,
+    "ema_decay": BELOW_ONE,
+    "max_train_timestep": COUNT,            # at most timesteps, at least t2: across fields
+    "t1": COUNT,                            # t1 <= t2 <= timesteps: across fields
+    "t2": COUNT,
+    "eval_images": Range(low=0, integer=True),  # 0 = the whole eval split; at most its size
+    "eval_batch_size": COUNT,
+}
+
 RULES = {
     Config: CONFIG_RULES,
     TrainConfig: TRAIN_RULES,
@@ -535,6 +596,8 @@ RULES = {
     VisualizationConfig: VISUALIZATION_RULES,
     BaselineConfig: BASELINE_RULES,
     NeuralCleanseConfig: NEURAL_CLEANSE_RULES,
+    BlendedConfig: BLENDED_RULES,
+    SampDetoxConfig: SAMPDETOX_RULES,
 }
 
 
@@ -614,6 +677,22 @@ def _check_across_fields(cfg: Config) -> None:
                 f"weight its first value by {100 * stale:.0f}% at the end of training (at most "
                 f"{100 * MINE_STALENESS_LIMIT:g}% allowed), a stale constant instead of a "
                 f"running correction. Raise the rate or the steps.")
+
+    sd = cfg.sampdetox
+    if not sd.t1 <= sd.t2 <= sd.timesteps:
+        raise ValueError(f"sampdetox.t1 <= sampdetox.t2 <= sampdetox.timesteps is needed (stage "
+                         f"1's global noise is the lighter one, and no level exceeds the "
+                         f"schedule), got t1={sd.t1}, t2={sd.t2}, timesteps={sd.timesteps}")
+    if not sd.t2 <= sd.max_train_timestep <= sd.timesteps:
+        raise ValueError(f"sampdetox.max_train_timestep must be an integer in [{sd.t2}, "
+                         f"{sd.timesteps}] (from t2, the highest level purification denoises "
+                         f"from, up to timesteps), got {sd.max_train_timestep}")
+    if len(sd.channels) < 2 or 32 % 2 ** (len(sd.channels) - 1):
+        raise ValueError(f"sampdetox.channels must hold 2 to 6 widths (one per resolution, "
+                         f"halving from 32x32 pixels), got {sd.channels!r}")
+    if sd.eval_images > cfg.eval_size:
+        raise ValueError(f"sampdetox.eval_images must be an integer in [0, {cfg.eval_size}] "
+                         f"(0 = the whole eval split of eval_size images), got {sd.eval_images}")
 
     if cfg.study.neighbours >= cfg.study.samples:
         raise ValueError(f"study.neighbours must be an integer in [1, {cfg.study.samples - 1}] "

@@ -238,3 +238,64 @@ def original_vs_distribution(points, triggers, original_point, original, title):
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     return fig
+
+
+def purification_figure(rows: list, titles: list):
+    """SampDetox step by step, one row per image: the input, stage 1's reconstruction, the
+    SSIM map of the two, stage 2's noise levels and the purified image. rows: dicts of
+    "input", "stage1", "output" (3, H, W) in [0, 1], "ssim" (H, W) in [-1, 1] and "levels"
+    (H, W) ints in [0, t2]; titles: one per row."""
+    columns = ("input", "stage 1", "SSIM(input, stage 1)", "stage 2 noise level", "purified")
+    fig, axes = plt.subplots(len(rows), 5, figsize=(8.5, 1.8 * len(rows)), squeeze=False)
+    top = max(int(row["levels"].max()) for row in rows) or 1
+    for r, (row, title) in enumerate(zip(rows, titles)):
+        panels = (_image(row["input"]), _image(row["stage1"]), row["ssim"].cpu().numpy(),
+                  row["levels"].cpu().numpy(), _image(row["output"]))
+        for c, (ax, panel) in enumerate(zip(axes[r], panels)):
+            if c == 2:
+                shown = ax.imshow(panel, cmap="magma", vmin=-1, vmax=1)
+            elif c == 3:
+                shown = ax.imshow(panel, cmap="viridis", vmin=0, vmax=top)
+            else:
+                ax.imshow(panel, interpolation="nearest")
+            if c in (2, 3) and r == len(rows) - 1:
+                fig.colorbar(shown, ax=axes[:, c], shrink=0.6, location="bottom", pad=0.02)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(columns[c], fontsize=8)
+        axes[r, 0].set_ylabel(title, fontsize=8)
+    return fig
+
+
+def loss_curve(history: list, x: str, y: str, title: str):
+    """A training curve from per-interval rows (dicts with keys x and y)."""
+    fig, ax = plt.subplots(figsize=(4.5, 2.8))
+    ax.plot([h[x] for h in history], [h[y] for h in history], marker="o", ms=3)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+def defence_metric_figure(table: pd.DataFrame):
+    """CA, PA and ASR (%) with their 95% intervals per model (rows of table: model, stage,
+    and ca/pa/asr with _low/_high), one panel per measure, stages side by side."""
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3), sharey=True)
+    stages = list(dict.fromkeys(table.stage))
+    models = list(dict.fromkeys(table.model))
+    width = 0.8 / len(stages)
+    for ax, metric in zip(axes, ("ca", "pa", "asr")):
+        for i, stage in enumerate(stages):
+            part = table[table.stage == stage].set_index("model").loc[models]
+            x = np.arange(len(models)) + (i - (len(stages) - 1) / 2) * width
+            errors = [100 * (part[metric] - part[f"{metric}_low"]),
+                      100 * (part[f"{metric}_high"] - part[metric])]
+            ax.bar(x, 100 * part[metric], width, yerr=errors, capsize=2, label=stage)
+        ax.set_xticks(range(len(models)))
+        ax.set_xticklabels(models)
+        ax.set_title(metric.upper(), fontsize=10)
+        ax.set_xlabel("backdoored model (trigger)")
+    axes[0].set_ylabel("% (95% interval)")
+    axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return fig

@@ -21,7 +21,7 @@ from .data import STATS, Loader, Splits, prepare_splits, to_pixels
 from .intervals import wilson_interval
 from .models import ResNet18
 from .store import REPO_ROOT, NonFiniteError, Store, spec_key
-from .triggers import TriggerPaster, poison, trigger_pattern
+from .triggers import BlendedTrigger, TriggerPaster, blend_pattern, poison, trigger_pattern
 
 
 def progress(iterable, desc: str):
@@ -297,8 +297,12 @@ def backdoor_spec(ctx: Context, trigger_id: int) -> dict:
     return spec
 
 
-def original_source(trigger_id: int, trigger_set: str = "black_white") -> TriggerPaster:
-    """The attacker's trigger as a trigger source (pasted at a random position per image)."""
+def original_source(trigger_id: int, trigger_set: str = "black_white", blend_ratio: float = 0.0):
+    """The attacker's trigger as a trigger source: a 3x3 trigger of `trigger_set` pasted at a
+    random position per image, or with trigger_set "blended" the Blended attack's noise image
+    number `trigger_id` mixed in at `blend_ratio`."""
+    if trigger_set == "blended":
+        return BlendedTrigger(blend_pattern(trigger_id), blend_ratio)
     return TriggerPaster(trigger_pattern(trigger_set, trigger_id))
 
 
@@ -308,13 +312,15 @@ class Backdoor:
 
     key: its store key, the `parent` of every artefact made from it (generators, reversals,
     retrained models). record: state_dict, history, and clean_accuracy and asr in [0, 1] on
-    the 2K eval split. trigger_set: where `trigger` is from (triggers.trigger_pattern).
+    the 2K eval split. trigger_set: where `trigger` is from (triggers.trigger_pattern), or
+    "blended" for the Blended attack (trigger: its noise image's seed, blended at blend_ratio).
     """
     trigger: int
     target: int
     key: str
     record: dict
     trigger_set: str = "black_white"
+    blend_ratio: float = 0.0
 
     @property
     def asr(self) -> float:
@@ -330,7 +336,30 @@ class Backdoor:
 
     def source(self) -> TriggerPaster:
         """Its original trigger as a trigger source."""
-        return original_source(self.trigger, self.trigger_set)
+        return original_source(self.trigger, self.trigger_set, self.blend_ratio)
+
+    @property
+    def name(self) -> str:
+        """How tables name it: the trigger id, or "blended"."""
+        return "blended" if self.trigger_set == "blended" else str(self.trigger)
+
+
+def _attacked(ctx: Context, spec: dict, source, seed: int, desc: str) -> dict:
+    """The record of the clean model fine-tuned with `source` under cfg.attack (poisoned
+    images relabelled to cfg.target), trained once and cached under `spec`."""
+    cfg = ctx.cfg
+
+    def build():
+        model, _ = clean_model(ctx)
+        history = fit(ctx, model, ctx.splits.train_images, ctx.splits.train_labels, cfg.attack,
+                      "attack", source=source, target=cfg.target, seed=seed, desc=desc)
+        return {"state_dict": state_dict_cpu(model),
+                "history": history,
+                "clean_accuracy": clean_accuracy(ctx, model, ctx.splits.eval_images,
+                                                 ctx.splits.eval_labels),
+                "asr": attack_success_rate(ctx, model, ctx.splits.eval_images,
+                                           ctx.splits.eval_labels, source, cfg.target)}
+    return ctx.store.get_or_build("backdoor", spec, build)
 
 
 def backdoored_model(ctx: Context, trigger_id: int) -> Backdoor:
@@ -338,25 +367,27 @@ def backdoored_model(ctx: Context, trigger_id: int) -> Backdoor:
     images relabelled to cfg.target), trained once and cached."""
     cfg = ctx.cfg
     spec = backdoor_spec(ctx, trigger_id)
-
-    def build():
-        model, _ = clean_model(ctx)
-        source = original_source(trigger_id, cfg.trigger_set)
-        history = fit(ctx, model, ctx.splits.train_images, ctx.splits.train_labels, cfg.attack,
-                      "attack", source=source, target=cfg.target, seed=cfg.seed + trigger_id,
-                      desc=f"attack {trigger_id}")
-        return {"state_dict": state_dict_cpu(model),
-                "history": history,
-                "clean_accuracy": clean_accuracy(ctx, model, ctx.splits.eval_images,
-                                                 ctx.splits.eval_labels),
-                "asr": attack_success_rate(ctx, model, ctx.splits.eval_images,
-                                           ctx.splits.eval_labels, source, cfg.target)}
-    record = ctx.store.get_or_build("backdoor", spec, build)
+    record = _attacked(ctx, spec, original_source(trigger_id, cfg.trigger_set),
+                       cfg.seed + trigger_id, f"attack {trigger_id}")
     return Backdoor(trigger_id, cfg.target, spec_key(spec), record, cfg.trigger_set)
 
 
+def blended_model(ctx: Context) -> Backdoor:
+    """The clean model fine-tuned with the Blended attack (cfg.blended, same recipe
+    cfg.attack as the patch triggers): SampDetox's positive control, cached."""
+    cfg = ctx.cfg
+    spec = {"stage": "backdoor", "parent": spec_key(clean_spec(ctx)),
+            "blended": to_dict(cfg.blended), "target": cfg.target, "train": to_dict(cfg.attack),
+            "seed": cfg.seed, "amp": str(ctx.amp)}
+    source = original_source(cfg.blended.seed, "blended", cfg.blended.ratio)
+    record = _attacked(ctx, spec, source, cfg.seed + cfg.blended.seed, "attack blended")
+    return Backdoor(cfg.blended.seed, cfg.target, spec_key(spec), record, "blended",
+                    cfg.blended.ratio)
+
+
 def attack_table(ctx: Context, backdoors: list):
-    """01's table: one row per Backdoor with ASR (and its 95% interval asr_low..asr_high) and
+    """01's table: one row per Backdoor (trigger and trigger_set: "blended" for the Blended
+    attack, whose trigger is its noise image's seed) with ASR (and its 95% interval asr_low..asr_high) and
     clean accuracy on the 2K eval split, the clean model's accuracy, the accuracy drop in
     points and the number of poisoned images the attack showed."""
     import pandas as pd
@@ -364,7 +395,8 @@ def attack_table(ctx: Context, backdoors: list):
     rows = []
     for backdoor in backdoors:
         low, high = eval_asr_interval(ctx, backdoor.asr)
-        rows.append({"trigger": backdoor.trigger, "target": backdoor.target,
+        rows.append({"trigger": backdoor.trigger, "trigger_set": backdoor.trigger_set,
+                     "target": backdoor.target,
                      "clean_accuracy": backdoor.clean_accuracy, "asr": backdoor.asr,
                      "asr_low": low, "asr_high": high,
                      "clean_model_accuracy": clean_record["clean_accuracy"],

@@ -127,6 +127,26 @@ def apply_trigger(images, triggers, positions=None, generator=None):
     return out
 
 
+def blend_pattern(seed: int, size=(32, 32)) -> torch.Tensor:
+    """(3, H, W) float in [0, 1): the Blended attack's noise image, every value uniform, drawn
+    from `seed`: the same image on every machine and run."""
+    return torch.rand(3, *size, generator=torch.Generator().manual_seed(seed))
+
+
+class BlendedTrigger:
+    """The Blended attack's trigger source (Chen et al., 2017): x' = (1 - ratio) x + ratio *
+    pattern over the whole image, pattern (C, H, W) in [0, 1]. Nothing is random."""
+
+    def __init__(self, pattern, ratio: float):
+        self.pattern, self.ratio = pattern, ratio
+
+    def __call__(self, images, generator=None):
+        if images.shape[1:] != self.pattern.shape:
+            raise ValueError(f"the blend pattern {tuple(self.pattern.shape)} does not fit images "
+                             f"of shape {tuple(images.shape)}")
+        return (1 - self.ratio) * images + self.ratio * self.pattern.to(images)
+
+
 class TriggerPaster:
     """A fixed trigger (C, h, w) in [0, 1], pasted at random positions; a trigger source."""
 

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import StudyConfig, VisualizationConfig, make_config, to_dict
+from .config import (BlendedConfig, SampDetoxConfig, StudyConfig, VisualizationConfig,
+                     make_config, to_dict)
 from .defense import compare_defenses, neural_cleanse_row
 from .mesa import detect_target, staircase_bank
 from .outputs import code_version, output_folder
@@ -39,10 +40,11 @@ TABLES = ("attack", "detection", "staircase", "defense_runs", "neural_cleanse")
 def config_key(cfg) -> str:
     """The hash of everything a unit's rows depend on: the config less the device (where a
     run computes, not what), the trigger list (a unit is one trigger) and the sections of
-    notebooks 03 and 05 (study, visualization), which no unit uses. Units of one profile run
-    in several batches of triggers therefore merge."""
+    notebooks 03, 05 and 06 (study, visualization, blended, sampdetox), which no unit uses.
+    Units of one profile run in several batches of triggers therefore merge."""
     neutral = dataclasses.replace(cfg, device="auto", triggers=(0,), study=StudyConfig(),
-                                  visualization=VisualizationConfig())
+                                  visualization=VisualizationConfig(), blended=BlendedConfig(),
+                                  sampdetox=SampDetoxConfig())
     return spec_key(to_dict(neutral))
 
 
