@@ -188,6 +188,17 @@ INVALID = [
                                             "got 0.0"),
     ({"neural_cleanse.anomaly_threshold": 0.0}, "neural_cleanse.anomaly_threshold must be > 0 "
                                                 "and finite, got 0.0"),
+    # Blended and SampDetox
+    ({"blended.ratio": 0.0}, "blended.ratio must be in (0, 1), got 0.0"),
+    ({"blended.ratio": 1.0}, "blended.ratio must be in (0, 1), got 1.0"),
+    ({"sampdetox.t1": 200}, "sampdetox.t1 <= sampdetox.t2 <= sampdetox.timesteps is needed"),
+    ({"sampdetox.t2": 1001}, "got t1=20, t2=1001, timesteps=1000"),
+    ({"sampdetox.max_train_timestep": 100}, "sampdetox.max_train_timestep must be an integer "
+                                            "in [120, 1000]"),
+    ({"sampdetox.channels": [8]}, "sampdetox.channels must hold 2 to 6 widths"),
+    ({"sampdetox.channels": [8] * 7}, "sampdetox.channels must hold 2 to 6 widths"),
+    ({"sampdetox.eval_images": 257}, "sampdetox.eval_images must be an integer in [0, 256]"),
+    ({"sampdetox.ema_decay": 1.0}, "sampdetox.ema_decay must be in [0, 1), got 1.0"),
 ]
 
 
@@ -264,6 +275,9 @@ def test_every_profile_passes_every_rule(profile):
     {"mesa.mine_ema_rate": 1.0, "neural_cleanse.asr_threshold": 1.0, "mesa.alpha": 0.0},
     {"eval_size": 767, "seed": 0, "mesa.adam_betas": [0, 0.999]},
     {"visualization.triggers": [], "visualization.samples": 2},     # () = every trigger
+    {"sampdetox.t1": 120, "sampdetox.max_train_timestep": 120, "sampdetox.eval_images": 256},
+    {"sampdetox.t1": 1, "sampdetox.t2": 1000, "sampdetox.max_train_timestep": 1000,
+     "sampdetox.channels": [8] * 6, "sampdetox.eval_images": 0},
     # random-colour triggers are numbered: any integer >= 0, canonical or not
     {"trigger_set": "random_colour", "triggers": [0, 6, 511, 10 ** 6], "study.trigger": 3,
      "visualization.triggers": [6]},

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from mesa_utils.triggers import (BW_TRIGGER_IDS, TriggerPaster, apply_trigger,
-                                 black_white_triggers, check_trigger_ids, pattern_from_id,
-                                 poison, random_colour_trigger, symmetry_class, trigger_from_id,
-                                 trigger_pattern)
+from mesa_utils.triggers import (BW_TRIGGER_IDS, BlendedTrigger, TriggerPaster, apply_trigger,
+                                 black_white_triggers, blend_pattern, check_trigger_ids,
+                                 pattern_from_id, poison, random_colour_trigger, symmetry_class,
+                                 trigger_from_id, trigger_pattern)
 
 # The smallest members of the 51 classes, as listed from the authors' code.
 AUTHORS_IDS = [0, 1, 2, 3, 5, 7, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 21, 23, 26, 27, 28, 29,
@@ -147,3 +147,19 @@ def test_poison_rate_zero_changes_nothing():
     images, labels = torch.randn(50, 3, 32, 32), torch.randint(0, 10, (50,))
     out, new_labels, mask = poison(images, labels, TriggerPaster(torch.ones(3, 3, 3)), 0.0, 0)
     assert not mask.any() and torch.equal(out, images) and torch.equal(new_labels, labels)
+
+
+def test_blended_trigger_mixes_one_fixed_noise_image_into_every_image():
+    pattern = blend_pattern(0)
+    assert pattern.shape == (3, 32, 32) and 0 <= pattern.min() and pattern.max() < 1
+    assert torch.equal(pattern, blend_pattern(0)) and not torch.equal(pattern, blend_pattern(1))
+    images = torch.rand(5, 3, 32, 32)
+    blended = BlendedTrigger(pattern, 0.1)(images)
+    assert torch.allclose(blended, 0.9 * images + 0.1 * pattern)
+    assert torch.equal(blended, BlendedTrigger(pattern, 0.1)(images))   # nothing random
+    # poisoned by the same rule as the patch triggers, relabelled alike
+    _, labels, mask = poison(images, torch.ones(5, dtype=torch.long), BlendedTrigger(pattern, 0.1),
+                             1.0, target=0)
+    assert mask.all() and labels.eq(0).all()
+    with pytest.raises(ValueError, match="does not fit images"):
+        BlendedTrigger(pattern, 0.1)(torch.rand(2, 3, 16, 16))
