@@ -145,9 +145,10 @@ fi
 
 # --- environment: a virtual environment from requirements.txt, reused while it matches -------
 PYTHON=${PYTHON:-python3}
-command -v "$PYTHON" >/dev/null || { echo "error: $PYTHON not found; install Python 3.10-3.12" >&2; exit 1; }
-"$PYTHON" -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] <= (3, 12))' || {
-    echo "error: $("$PYTHON" --version 2>&1) found; Python 3.10-3.12 is needed (set PYTHON=...)" >&2; exit 1; }
+# 3.11 at least: diffusers (SampDetox, notebook 06) needs it; 3.12 at most: every pin has wheels.
+command -v "$PYTHON" >/dev/null || { echo "error: $PYTHON not found; install Python 3.11 or 3.12" >&2; exit 1; }
+"$PYTHON" -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 12))' || {
+    echo "error: $("$PYTHON" --version 2>&1) found; Python 3.11 or 3.12 is needed (diffusers needs 3.11; set PYTHON=...)" >&2; exit 1; }
 STAMP=$VENV/.requirements.sha256
 WANT=$(sha256sum requirements.txt | cut -d' ' -f1)
 if [[ ! -x $VENV/bin/python || ! -f $STAMP || $(cat "$STAMP") != "$WANT" ]]; then

@@ -251,6 +251,8 @@ PAPER_RESULTS = {
     "baseline": "2.4-51.4% over runs",
     "neural_cleanse": "(not in the paper)",
     "ideal": "mean 2.4%",
+    "finetune": "(control, not in the paper)",
+    "random_patch": "(control, not in the paper)",
 }
 
 
@@ -265,7 +267,8 @@ def summarize(df):
     between methods with as many runs (column `runs`)."""
     labelled = df.assign(label=[method_label(m, b) for m, b in zip(df.method, df.beta)])
     order = ["mesa beta=" + f"{b:g}" for b in sorted(df.beta.dropna().unique())]
-    order += ["mesa_mixture", "mesa_entropy_mixture", "baseline", "neural_cleanse", "ideal"]
+    order += ["mesa_mixture", "mesa_entropy_mixture", "baseline", "neural_cleanse", "ideal",
+              "finetune", "random_patch"]
     before = df.drop_duplicates("trigger")
 
     def asr_columns(asr):

@@ -109,7 +109,9 @@ class BlendedConfig:
     """Blended attack (Chen et al., 2017), SampDetox's positive control (notebooks 01, 06):
     x' = (1 - ratio) x + ratio * noise, one fixed uniform noise image over the whole picture,
     trained with the same recipe as the patch attacks (`attack`)."""
-    ratio: float = 0.1              # low: the trigger is hard to see
+    # BackdoorBench's blend ratio for training. 0.1 planted only 69% ASR with quick's one-epoch
+    # attack (measured 2026-12-02), short of the 90% every attack here must reach.
+    ratio: float = 0.2
     seed: int = 0                   # draws the noise image (triggers.blend_pattern)
 
 

@@ -6,7 +6,9 @@ model unlearns the trigger -> target association. The sources compared in 04_def
 MESA sub-models (one per beta), their uniform mixture and their mixture with Algorithm 1's
 weights; the baseline's single reversed trigger (raw 3x3 pixels optimised toward the target,
 several random starts); Neural Cleanse's reversed mask + pattern; and the original trigger
-itself (the ideal defence).
+itself (the ideal defence). Two controls are retrained alike: `finetune` (no trigger at all)
+and `random_patch` (a fresh uniformly random 3x3 patch per poisoned image): a defence earns
+its ASR only below what they reach.
 """
 import warnings
 from dataclasses import asdict
@@ -21,7 +23,7 @@ from .mesa import staircase_bank
 from .models import frozen
 from .train import (Backdoor, Context, FiniteGuard, attack_success_rate, autocast,
                     clean_accuracy, eval_asr_interval, fit, progress, state_dict_cpu)
-from .triggers import TriggerPaster, apply_trigger
+from .triggers import RandomPatchSource, TriggerPaster, apply_trigger
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,8 +223,9 @@ def defense_sources(ctx: Context, backdoor: Backdoor) -> list:
     start, source, source spec): mesa (one per beta of the staircase), mesa_mixture (uniform
     gamma), mesa_entropy_mixture (Algorithm 1's gamma: mesa.entropy_weights; left out, with a
     warning, when every sub-model is empty), baseline (one per start), neural_cleanse (its
-    reversal for the target class), ideal (the original trigger). The spec identifies the
-    source in the retraining's key."""
+    reversal for the target class), ideal (the original trigger), and the controls finetune
+    (no trigger: source None, nothing pasted) and random_patch (uniformly random 3x3 patches).
+    The spec identifies the source in the retraining's key."""
     bank = staircase_bank(ctx, backdoor)
     runs = [("mesa", member.beta, None, bank.sampler([member]),
              {"kind": "mesa", "bank": bank.key, "members": [asdict(member)]})
@@ -251,6 +254,9 @@ def defense_sources(ctx: Context, backdoor: Backdoor) -> list:
                   "neural_cleanse": to_dict(ctx.cfg.neural_cleanse)}))
     runs.append(("ideal", None, None, backdoor.source(),
                  {"kind": "original", "trigger": backdoor.trigger}))
+    runs.append(("finetune", None, None, None, {"kind": "none"}))
+    runs.append(("random_patch", None, None, RandomPatchSource((3, 3)),
+                 {"kind": "random_patch", "size": [3, 3]}))
     return runs
 
 

@@ -22,6 +22,8 @@ METHOD_STYLE = {   # method -> (label, colour, marker)
     "baseline": ("baseline (mean, min-max)", "tab:red", "s"),
     "neural_cleanse": ("Neural Cleanse", "tab:orange", "^"),
     "ideal": ("ideal", "tab:green", "*"),
+    "finetune": ("control: fine-tune, no trigger", "tab:gray", "X"),
+    "random_patch": ("control: random 3x3 patches", "tab:brown", "v"),
 }
 
 
@@ -187,7 +189,8 @@ def defense_figure(df: pd.DataFrame, triggers_by_id: dict):
         rows = df[(df.method == "mesa") & (df.beta == beta)]
         ax.plot([x[t] for t in rows.trigger], 100 * rows.asr_after, "o", color=shades[beta],
                 label=f"MESA beta={beta:g}")
-    for method in ("mesa_mixture", "mesa_entropy_mixture", "neural_cleanse", "ideal"):
+    for method in ("mesa_mixture", "mesa_entropy_mixture", "neural_cleanse", "ideal",
+                   "finetune", "random_patch"):
         rows = df[df.method == method]
         if len(rows):
             label, colour, marker = METHOD_STYLE[method]

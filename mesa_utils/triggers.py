@@ -157,6 +157,20 @@ class TriggerPaster:
         return apply_trigger(images, self.trigger, generator=generator)
 
 
+class RandomPatchSource:
+    """A control trigger source: a fresh uniformly random patch (every value in [0, 1)) of
+    `size` for each image, pasted at a random position. It carries no trigger of any backdoor:
+    retraining with it measures what patches as such, not the reversed trigger, unlearn."""
+
+    def __init__(self, size=(3, 3)):
+        self.size = tuple(size)
+
+    def __call__(self, images, generator=None):
+        patches = torch.rand(len(images), images.shape[1], *self.size, device=images.device,
+                             generator=generator)
+        return apply_trigger(images, patches, generator=generator)
+
+
 def poison(images, labels, source, rate, target=None, generator=None):
     """Apply `source` to each image with probability `rate`; relabel those to `target`.
 

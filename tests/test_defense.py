@@ -93,3 +93,51 @@ def test_asr_counts_only_images_outside_the_target_class(toy_ctx):
     grey, white = (TriggerPaster(torch.full((3, 3, 3), v)) for v in (0.5, 1.0))
     assert attack_success_rate(toy_ctx, BrightPatchModel(), images, labels, grey, 0) == 0.0
     assert attack_success_rate(toy_ctx, BrightPatchModel(), images, labels, white, 0) == 1.0
+
+
+def test_random_patch_control_pastes_a_fresh_random_patch_per_image():
+    from mesa_utils.triggers import RandomPatchSource
+    grey = torch.full((64, 3, 32, 32), 0.5)
+    out = RandomPatchSource((3, 3))(grey, torch.Generator().manual_seed(0))
+    changed = (out != grey).any(1)                           # (64, 32, 32) pixels touched
+    assert changed.flatten(1).sum(1).le(9).all()             # at most one 3x3 patch each
+    corners = [tuple(c.nonzero().min(0).values.tolist()) for c in changed]
+    assert len(set(corners)) > 32                            # positions vary per image
+    patches = torch.stack([out[i, :, r:r + 3, c:c + 3] for i, (r, c) in enumerate(corners)])
+    assert patches.flatten(1).unique(dim=0).shape[0] == 64   # a new pattern per image
+    assert 0.4 < patches.mean() < 0.6 and patches.std() > 0.25   # uniform on [0, 1)
+
+
+def test_finetune_control_pastes_nothing(toy_ctx):
+    toy_ctx.splits = make_splits(n=32, label=2)
+    history = fit(toy_ctx, toy_ctx.new_classifier(), toy_ctx.splits.defense_images,
+                  toy_ctx.splits.defense_labels, TrainConfig(epochs=1, batch_size=8,
+                                                             poison_rate=0.5), "defense",
+                  source=None, target=None)
+    assert sum(h["poisoned"] for h in history) == 0
+
+
+def test_every_defence_source_and_both_controls_are_compared(toy_ctx, monkeypatch):
+    """defense_sources lists each method once per trigger (baseline once per start), with the
+    controls: finetune without any source, random_patch with random patches."""
+    from types import SimpleNamespace
+
+    import mesa_utils.defense as defense
+    from mesa_utils.mesa import Member
+    from mesa_utils.triggers import RandomPatchSource
+    members = [Member(beta=b, alpha=0.1, target=0, seed=0) for b in (0.5, 0.9)]
+    bank = SimpleNamespace(members=members, key="bank", sampler=lambda chosen=None: "sampler",
+                           entropy_sampler=lambda: SimpleNamespace(weights=torch.ones(2) / 2))
+    monkeypatch.setattr(defense, "staircase_bank", lambda ctx, backdoor: bank)
+    monkeypatch.setattr(defense, "baseline_triggers", lambda ctx, b: torch.rand(2, 3, 3, 3))
+    monkeypatch.setattr(defense, "neural_cleanse_result", lambda ctx, b: {
+        "masks": torch.zeros(3, 1, 32, 32), "patterns": torch.zeros(3, 3, 32, 32)})
+    backdoor = SimpleNamespace(trigger=170, target=0, key="k", source=lambda: "original")
+    runs = defense.defense_sources(toy_ctx, backdoor)
+    methods = [r[0] for r in runs]
+    assert methods == ["mesa", "mesa", "mesa_mixture", "mesa_entropy_mixture", "baseline",
+                       "baseline", "neural_cleanse", "ideal", "finetune", "random_patch"]
+    finetune, random_patch = runs[-2], runs[-1]
+    assert finetune[3] is None and finetune[4] == {"kind": "none"}
+    assert isinstance(random_patch[3], RandomPatchSource) and random_patch[4]["kind"] == "random_patch"
+    assert len({str(r[4]) for r in runs}) == len(runs)       # every retraining keyed apart

@@ -242,3 +242,20 @@ def test_prepare_device_carries_the_archive_and_prints_the_command(tmp_path):
                              env={**env, "MESA_CIFAR10_ARCHIVE": str(tmp_path / "none.tgz")})
     assert missing.returncode == 1 and "no CIFAR-10 archive to carry" in missing.stderr
     assert "none.tgz, which does not exist" in missing.stderr
+
+
+def test_run_all_refuses_a_python_older_than_3_11(tmp_path):
+    # A stand-in for Python 3.10: it runs the version check with sys.version_info set to 3.10.
+    fake = tmp_path / "python3.10"
+    fake.write_text('#!/bin/sh\n'
+                    'if [ "$1" = --version ]; then echo "Python 3.10.12"; exit 0; fi\n'
+                    'exec python3 -c "import sys; sys.version_info = (3, 10, 12); '
+                    'exec(sys.argv[1])" "$2"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "MESA_VENV": str(tmp_path / "venv")}
+    result = subprocess.run(["bash", str(RUN_ALL), "--test"], capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert result.returncode == 1
+    assert ("Python 3.10.12 found; Python 3.11 or 3.12 is needed (diffusers needs 3.11"
+            in result.stderr)
+    assert not (tmp_path / "venv").exists()
