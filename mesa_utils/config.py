@@ -163,6 +163,10 @@ class Config:
     visualization: VisualizationConfig = VisualizationConfig()
     blended: BlendedConfig = BlendedConfig()
     sampdetox: SampDetoxConfig = SampDetoxConfig()
+    # every non-baseline defence is retrained from this many seeds (seed, seed + 1, ...); the
+    # baseline's starts are its seeds. The reversed triggers and MESA's generators stay those
+    # of `seed`: the seeds repeat the retraining (batches, pasted positions, sampled triggers).
+    defense_seeds: int = 1
     save_retrained: bool = True     # keep retrained weights in the store (51 x 17 in `paper`)
 
 
@@ -202,7 +206,7 @@ def _quick() -> Config:
         detection=DetectionConfig(steps=200, batch_size=32, lr=5e-4, hidden=256,
                                   eval_samples=500, mine_ema_rate=0.02),
         study=StudyConfig(samples=1000),
-        defense=TrainConfig(epochs=4, lr=1e-3, poison_rate=0.1),
+        defense=TrainConfig(epochs=4, lr=1e-3, poison_rate=0.1), defense_seeds=3,
         baseline=BaselineConfig(starts=3),
         neural_cleanse=NeuralCleanseConfig(steps=300),
         # A 1.1M-parameter UNet sized to train in ~15 min on the 2-core CPU (0.5 s a step),
@@ -484,6 +488,7 @@ CONFIG_RULES = {
     "device": DeviceName(),
     "amp": OneOf(("auto", "on", "off")),
     "eval_batch_size": COUNT,
+    "defense_seeds": COUNT,
     "save_retrained": Flag(),
 }
 

@@ -260,18 +260,28 @@ def defense_sources(ctx: Context, backdoor: Backdoor) -> list:
     return runs
 
 
+def retraining_seeds(cfg, method: str) -> list:
+    """The retraining seeds of a method: cfg.seed for each baseline start (its starts are its
+    repeats), cfg.seed .. cfg.seed + defense_seeds - 1 for every other method."""
+    count = 1 if method == "baseline" else cfg.defense_seeds
+    return [cfg.seed + k for k in range(count)]
+
+
 def compare_defenses(ctx: Context, backdoor: Backdoor) -> list:
     """Every defence of 04_defense on one backdoored model (defense_sources), each retrained
-    alike: tidy rows of before/after ASR and clean accuracy; asr_after_low/high is the 95%
-    Wilson interval of each run's after-defence ASR."""
+    alike from each of its retraining_seeds: tidy rows of before/after ASR and clean accuracy,
+    one per run (seed: the retraining's); asr_after_low/high is the 95% Wilson interval of
+    each run's after-defence ASR."""
     rows = []
     for method, beta, start, source, source_spec in defense_sources(ctx, backdoor):
-        record = retrain(ctx, backdoor, source, source_spec, ctx.cfg.seed,
-                         desc=f"retrain {method_label(method, beta)}, trigger {backdoor.trigger}")
-        low, high = eval_asr_interval(ctx, record["asr"])
-        rows.append({"trigger": backdoor.trigger, "method": method, "beta": beta,
-                     "start": start, "asr_before": backdoor.asr, "asr_after": record["asr"],
-                     "asr_after_low": low, "asr_after_high": high,
-                     "clean_before": backdoor.clean_accuracy,
-                     "clean_after": record["clean_accuracy"]})
+        for seed in retraining_seeds(ctx.cfg, method):
+            record = retrain(ctx, backdoor, source, source_spec, seed,
+                             desc=f"retrain {method_label(method, beta)}, trigger "
+                                  f"{backdoor.trigger}, seed {seed}")
+            low, high = eval_asr_interval(ctx, record["asr"])
+            rows.append({"trigger": backdoor.trigger, "method": method, "beta": beta,
+                         "start": start, "seed": seed, "asr_before": backdoor.asr,
+                         "asr_after": record["asr"], "asr_after_low": low,
+                         "asr_after_high": high, "clean_before": backdoor.clean_accuracy,
+                         "clean_after": record["clean_accuracy"]})
     return rows

@@ -19,7 +19,7 @@ METHOD_STYLE = {   # method -> (label, colour, marker)
     "mesa": ("MESA", "tab:blue", "o"),
     "mesa_mixture": ("MESA mixture", "tab:purple", "D"),
     "mesa_entropy_mixture": ("MESA mixture, Algorithm 1 weights", "tab:pink", "P"),
-    "baseline": ("baseline (mean, min-max)", "tab:red", "s"),
+    "baseline": ("baseline", "tab:red", "s"),
     "neural_cleanse": ("Neural Cleanse", "tab:orange", "^"),
     "ideal": ("ideal", "tab:green", "*"),
     "finetune": ("control: fine-tune, no trigger", "tab:gray", "X"),
@@ -169,34 +169,32 @@ def embedding_panels(panels, min_fraction=0.04):
 
 
 def defense_figure(df: pd.DataFrame, triggers_by_id: dict):
-    """Fig. 4: after-defence ASR per original trigger, sorted by the baseline's mean.
+    """Fig. 4: after-defence ASR per original trigger (sorted by the baseline's mean), every
+    method as its mean over its runs (retraining seeds, or the baseline's starts) with a bar
+    from its best to its worst run, the methods side by side within each trigger.
 
-    df: tidy rows of defense.compare_defenses (trigger, method, beta, start, asr_after).
+    df: tidy rows of defense.compare_defenses (trigger, method, beta, asr_after).
     """
-    baseline = df[df.method == "baseline"].groupby("trigger")["asr_after"].agg(
-        ["mean", "min", "max"])
-    order = baseline.sort_values("mean").index.tolist()
-    x = {trigger: i for i, trigger in enumerate(order)}
-    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(order) + 3), 3.6))
-    ax.errorbar([x[t] for t in order], 100 * baseline.loc[order, "mean"],
-                yerr=100 * np.stack([baseline.loc[order, "mean"] - baseline.loc[order, "min"],
-                                     baseline.loc[order, "max"] - baseline.loc[order, "mean"]]),
-                fmt=METHOD_STYLE["baseline"][2], color=METHOD_STYLE["baseline"][1], capsize=3,
-                label=METHOD_STYLE["baseline"][0])
+    from .analysis import method_label
+    labelled = df.assign(label=[method_label(m, b) for m, b in zip(df.method, df.beta)])
+    order = (labelled[labelled.method == "baseline"].groupby("trigger")["asr_after"].mean()
+             .sort_values().index.tolist()) or list(dict.fromkeys(df.trigger))
     betas = sorted(df[df.method == "mesa"]["beta"].dropna().unique())
     shades = dict(zip(betas, sns.color_palette("Blues", len(betas) + 1)[1:]))
-    for beta in betas:
-        rows = df[(df.method == "mesa") & (df.beta == beta)]
-        ax.plot([x[t] for t in rows.trigger], 100 * rows.asr_after, "o", color=shades[beta],
-                label=f"MESA beta={beta:g}")
-    for method in ("mesa_mixture", "mesa_entropy_mixture", "neural_cleanse", "ideal",
-                   "finetune", "random_patch"):
-        rows = df[df.method == method]
-        if len(rows):
-            label, colour, marker = METHOD_STYLE[method]
-            ax.plot([x[t] for t in rows.trigger], 100 * rows.asr_after, marker, color=colour,
-                    label=label, ls="none")
-    ax.set_ylabel("ASR after defence (%)")
+    styles = {f"mesa beta={b:g}": (f"MESA beta={b:g}", shades[b], "o") for b in betas}
+    styles.update({m: METHOD_STYLE[m] for m in METHOD_STYLE if m != "mesa"})
+    present = [label for label in styles if (labelled.label == label).any()]
+    width = 0.8 / max(1, len(present))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(order) + 4), 3.8))
+    for k, label in enumerate(present):
+        stats = (labelled[labelled.label == label].groupby("trigger")["asr_after"]
+                 .agg(["mean", "min", "max"]).reindex(order).dropna())
+        x = np.array([order.index(t) for t in stats.index]) + (k - (len(present) - 1) / 2) * width
+        name, colour, marker = styles[label]
+        ax.errorbar(x, 100 * stats["mean"],
+                    yerr=100 * np.stack([stats["mean"] - stats["min"], stats["max"] - stats["mean"]]),
+                    fmt=marker, color=colour, capsize=2, ms=4, label=name)
+    ax.set_ylabel("ASR after defence (%)\nmean, best to worst run")
     ax.set_xlim(-0.5, len(order) - 0.5)
     _thumbnail_ticks(ax, [triggers_by_id[t] for t in order])
     ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
@@ -251,12 +249,14 @@ def purification_figure(rows: list, titles: list):
     columns = ("input", "stage 1", "SSIM(input, stage 1)", "stage 2 noise level", "purified")
     fig, axes = plt.subplots(len(rows), 5, figsize=(8.5, 1.8 * len(rows)), squeeze=False)
     top = max(int(row["levels"].max()) for row in rows) or 1
+    # SSIM from the lowest value shown up to 1: the whole [-1, 1] scale would show pale squares
+    lowest = min(float(row["ssim"].min()) for row in rows)
     for r, (row, title) in enumerate(zip(rows, titles)):
         panels = (_image(row["input"]), _image(row["stage1"]), row["ssim"].cpu().numpy(),
                   row["levels"].cpu().numpy(), _image(row["output"]))
         for c, (ax, panel) in enumerate(zip(axes[r], panels)):
             if c == 2:
-                shown = ax.imshow(panel, cmap="magma", vmin=-1, vmax=1)
+                shown = ax.imshow(panel, cmap="magma", vmin=min(lowest, 0.99), vmax=1)
             elif c == 3:
                 shown = ax.imshow(panel, cmap="viridis", vmin=0, vmax=top)
             else:

@@ -351,6 +351,29 @@ def sampdetox_rows(ctx: Context, backdoors: list) -> list:
     return rows
 
 
+def trigger_levels(ctx: Context, backdoors: list) -> list:
+    """Did stage 2 find the patch? Per patch-trigger model, over its triggered eval images:
+    the mean stage-2 noise level (0..t2) of the pixels its trigger changed and of all other
+    pixels, and the share of each at level t2/2 or above. A stage 2 that located the trigger
+    gives its pixels the highest levels. Reads the purified images of sampdetox_rows (cached)."""
+    diffusion = diffusion_model(ctx)
+    images, labels = eval_subset(ctx)
+    half = ctx.cfg.sampdetox.t2 / 2
+    rows = []
+    for backdoor in backdoors:
+        triggered, _ = triggered_inputs(ctx, backdoor)
+        attacked = purified_images(ctx, diffusion, triggered,
+                                   {"kind": "triggered", "backdoor": backdoor.key})
+        on = (triggered != images[labels != backdoor.target]).any(-1).cpu()    # (n, H, W)
+        levels = attacked["levels"].float()
+        rows.append({"model": backdoor.name, "trigger_pixels": int(on.sum()),
+                     "level_on_trigger": float(levels[on].mean()),
+                     "level_elsewhere": float(levels[~on].mean()),
+                     "high_on_trigger": float((levels[on] >= half).float().mean()),
+                     "high_elsewhere": float((levels[~on] >= half).float().mean())})
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # SampDetox beside the defences of 04
 

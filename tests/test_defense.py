@@ -141,3 +141,31 @@ def test_every_defence_source_and_both_controls_are_compared(toy_ctx, monkeypatc
     assert finetune[3] is None and finetune[4] == {"kind": "none"}
     assert isinstance(random_patch[3], RandomPatchSource) and random_patch[4]["kind"] == "random_patch"
     assert len({str(r[4]) for r in runs}) == len(runs)       # every retraining keyed apart
+
+
+def test_every_method_but_the_baseline_is_retrained_from_each_seed(toy_ctx, monkeypatch):
+    """compare_defenses: defense_seeds runs (seeds seed, seed + 1, ...) for every method, one
+    per start for the baseline, each retraining keyed by its own seed."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import mesa_utils.defense as defense
+    ctx = replace(toy_ctx, cfg=replace(toy_ctx.cfg, seed=5, defense_seeds=3))
+    sources = [("mesa", 0.9, None, "s", {"kind": "mesa"}), ("baseline", None, 0, "s", {"b": 0}),
+               ("baseline", None, 1, "s", {"b": 1}), ("finetune", None, None, None, {"kind": "none"})]
+    monkeypatch.setattr(defense, "defense_sources", lambda ctx, backdoor: sources)
+    trained = []
+
+    def fake_retrain(ctx, backdoor, source, spec, seed, desc=""):
+        trained.append((str(spec), seed))
+        return {"asr": 0.05 + seed / 100, "clean_accuracy": 0.8}
+    monkeypatch.setattr(defense, "retrain", fake_retrain)
+    backdoor = SimpleNamespace(trigger=170, target=0, asr=0.99, clean_accuracy=0.8)
+    rows = defense.compare_defenses(ctx, backdoor)
+    runs = [(r["method"], r["start"], r["seed"]) for r in rows]
+    assert runs == [("mesa", None, 5), ("mesa", None, 6), ("mesa", None, 7),
+                    ("baseline", 0, 5), ("baseline", 1, 5),
+                    ("finetune", None, 5), ("finetune", None, 6), ("finetune", None, 7)]
+    assert len(set(trained)) == len(trained)                 # no retraining twice
+    assert [r["asr_after"] for r in rows[:3]] == pytest.approx([0.10, 0.11, 0.12])
+    assert all(r["asr_after_low"] < r["asr_after"] < r["asr_after_high"] for r in rows)
