@@ -198,7 +198,6 @@ def train_diffusion(ctx: Context, images: torch.Tensor, seed: int = 0) -> dict:
         unet, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(scfg.ema_decay))
     optimizer = torch.optim.AdamW(unet.parameters(), lr=scfg.lr)
     generator = torch.Generator(ctx.device).manual_seed(seed)
-    alphas = scheduler.alphas_cumprod.to(ctx.device)
     guard = FiniteGuard("diffusion model", scfg.train_steps,
                         f"Lower sampdetox.lr (now {scfg.lr:g}).", ctx.device)
     history, loss_sum, chunk = [], torch.zeros((), device=ctx.device), max(1, scfg.train_steps // 10)
@@ -213,9 +212,9 @@ def train_diffusion(ctx: Context, images: torch.Tensor, seed: int = 0) -> dict:
         t = torch.randint(scfg.max_train_timestep, (len(x),), device=ctx.device,
                           generator=generator)
         noise = torch.randn(x.shape, device=ctx.device, generator=generator)
-        a = alphas[t][:, None, None, None]
+        noisy = noise_to_levels(scheduler, x, (t + 1)[:, None, None, None], noise)  # timestep t
         with autocast(ctx.device, ctx.amp):
-            predicted = unet(a.sqrt() * x + (1 - a).sqrt() * noise, t).sample
+            predicted = unet(noisy, t).sample
         loss = F.mse_loss(predicted.float(), noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -226,8 +225,7 @@ def train_diffusion(ctx: Context, images: torch.Tensor, seed: int = 0) -> dict:
         if (step + 1) % chunk == 0:
             history.append({"step": step + 1, "loss": float(loss_sum) / chunk})
             loss_sum.zero_()
-    weights = {k: v for k, v in ema.module.state_dict().items()}
-    guard.finish(list(weights.items()))
+    guard.finish(list(ema.module.state_dict().items()))
     return {"state_dict": state_dict_cpu(ema.module), "history": history,
             "train_seconds": time.perf_counter() - started,
             "images_seen": scfg.train_steps * scfg.batch_size}
