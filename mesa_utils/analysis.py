@@ -250,6 +250,7 @@ PAPER_RESULTS = {
     "mesa_entropy_mixture": "(not in the paper's experiments)",
     "baseline": "2.4-51.4% over runs",
     "neural_cleanse": "(not in the paper)",
+    "neural_cleanse_crop": "(not in the paper)",
     "ideal": "mean 2.4%",
     "finetune": "(control, not in the paper)",
     "random_patch": "(control, not in the paper)",
@@ -267,8 +268,8 @@ def summarize(df):
     between methods with as many runs (column `runs`)."""
     labelled = df.assign(label=[method_label(m, b) for m, b in zip(df.method, df.beta)])
     order = ["mesa beta=" + f"{b:g}" for b in sorted(df.beta.dropna().unique())]
-    order += ["mesa_mixture", "mesa_entropy_mixture", "baseline", "neural_cleanse", "ideal",
-              "finetune", "random_patch"]
+    order += ["mesa_mixture", "mesa_entropy_mixture", "baseline", "neural_cleanse",
+              "neural_cleanse_crop", "ideal", "finetune", "random_patch"]
     before = df.drop_duplicates("trigger")
 
     def asr_columns(asr):

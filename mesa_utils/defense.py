@@ -5,7 +5,8 @@ a trigger from the source on each image with probability r and keeping the TRUE 
 model unlearns the trigger -> target association. The sources compared in 04_defense:
 MESA sub-models (one per beta), their uniform mixture and their mixture with Algorithm 1's
 weights; the baseline's single reversed trigger (raw 3x3 pixels optimised toward the target,
-several random starts); Neural Cleanse's reversed mask + pattern; and the original trigger
+several random starts); Neural Cleanse's reversed mask + pattern, at its place and cut to its
+mask's bounding box at random places; and the original trigger
 itself (the ideal defence). Two controls are retrained alike: `finetune` (no trigger at all)
 and `random_patch` (a fresh uniformly random 3x3 patch per poisoned image): a defence earns
 its ASR only below what they reach.
@@ -23,7 +24,7 @@ from .mesa import staircase_bank
 from .models import frozen
 from .train import (Backdoor, Context, FiniteGuard, attack_success_rate, autocast,
                     clean_accuracy, eval_asr_interval, fit, progress, state_dict_cpu)
-from .triggers import RandomPatchSource, TriggerPaster, apply_trigger
+from .triggers import RandomPatchSource, TriggerPaster, apply_trigger, random_positions
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,6 +74,32 @@ class MaskSource:
 
     def __call__(self, images, generator=None):
         return (1 - self.mask) * images + self.mask * self.pattern
+
+
+def crop_to_mask(mask, pattern, threshold: float = 0.5) -> tuple:
+    """Neural Cleanse's reversal cut to the bounding box of its mask's pixels at or above
+    `threshold` (the single largest pixel when none is): (mask (1, h, w), pattern (3, h, w)).
+    The backdoor fires anywhere, so 04 also retrains with this crop pasted at random places."""
+    strong = (mask[0] >= min(threshold, float(mask.max()))).nonzero()
+    (top, left), (bottom, right) = strong.min(0).values.tolist(), strong.max(0).values.tolist()
+    return (mask[:, top:bottom + 1, left:right + 1].clone(),
+            pattern[:, top:bottom + 1, left:right + 1].clone())
+
+
+class MaskedPatchPaster:
+    """A patch with its own mask, mask (1, h, w) and pattern (C, h, w) in [0, 1], blended in at
+    a random position per image: x' = (1 - m) x + m p over its window; a trigger source."""
+
+    def __init__(self, mask, pattern):
+        self.mask, self.pattern = mask, pattern
+
+    def __call__(self, images, generator=None):
+        n, c, height, width = images.shape
+        corners = random_positions(n, (height, width), tuple(self.mask.shape[-2:]),
+                                   images.device, generator)
+        mask = apply_trigger(images.new_zeros(n, 1, height, width), self.mask, corners)
+        pattern = apply_trigger(images.new_zeros(n, c, height, width), self.pattern, corners)
+        return (1 - mask) * images + mask * pattern
 
 
 def anomaly_index(norms: torch.Tensor) -> torch.Tensor:
@@ -210,9 +237,12 @@ def neural_cleanse_result(ctx: Context, backdoor: Backdoor) -> dict:
 
 def neural_cleanse_row(ctx: Context, backdoor: Backdoor) -> dict:
     """04's Neural Cleanse row for one backdoored model: the target class's mask L1 beside
-    the median over classes, its MAD anomaly index, and the classes flagged."""
+    the median over classes, its MAD anomaly index, the classes flagged, and the size of the
+    crop that neural_cleanse_crop pastes (its mask's bounding box, crop_to_mask)."""
     nc = neural_cleanse_result(ctx, backdoor)
+    crop, _ = crop_to_mask(nc["masks"][backdoor.target], nc["patterns"][backdoor.target])
     return {"trigger": backdoor.trigger, "target_mask_l1": float(nc["l1"][backdoor.target]),
+            "crop_height": crop.shape[1], "crop_width": crop.shape[2],
             "median_mask_l1": float(nc["l1"].median()),
             "target_anomaly_index": float(nc["anomaly"][backdoor.target]),
             "flagged_classes": nc["flagged"].nonzero().flatten().tolist()}
@@ -223,7 +253,8 @@ def defense_sources(ctx: Context, backdoor: Backdoor) -> list:
     start, source, source spec): mesa (one per beta of the staircase), mesa_mixture (uniform
     gamma), mesa_entropy_mixture (Algorithm 1's gamma: mesa.entropy_weights; left out, with a
     warning, when every sub-model is empty), baseline (one per start), neural_cleanse (its
-    reversal for the target class), ideal (the original trigger), and the controls finetune
+    reversal for the target class, at its place), neural_cleanse_crop (that reversal cut to its
+    mask's bounding box, pasted at random places), ideal (the original trigger), the controls finetune
     (no trigger: source None, nothing pasted) and random_patch (uniformly random 3x3 patches).
     The spec identifies the source in the retraining's key."""
     bank = staircase_bank(ctx, backdoor)
@@ -247,11 +278,14 @@ def defense_sources(ctx: Context, backdoor: Backdoor) -> list:
         runs.append(("baseline", None, start, TriggerPaster(trigger.to(ctx.device)),
                      {"kind": "patch", "trigger": trigger.flatten().tolist()}))
     nc = neural_cleanse_result(ctx, backdoor)
-    runs.append(("neural_cleanse", None, None,
-                 MaskSource(nc["masks"][backdoor.target].to(ctx.device),
-                            nc["patterns"][backdoor.target].to(ctx.device)),
-                 {"kind": "neural_cleanse", "parent": backdoor.key,
-                  "neural_cleanse": to_dict(ctx.cfg.neural_cleanse)}))
+    nc_mask, nc_pattern = (nc["masks"][backdoor.target].to(ctx.device),
+                           nc["patterns"][backdoor.target].to(ctx.device))
+    nc_spec = {"kind": "neural_cleanse", "parent": backdoor.key,
+               "neural_cleanse": to_dict(ctx.cfg.neural_cleanse)}
+    runs.append(("neural_cleanse", None, None, MaskSource(nc_mask, nc_pattern), nc_spec))
+    runs.append(("neural_cleanse_crop", None, None,
+                 MaskedPatchPaster(*crop_to_mask(nc_mask, nc_pattern)),
+                 {**nc_spec, "kind": "neural_cleanse_crop", "threshold": 0.5}))
     runs.append(("ideal", None, None, backdoor.source(),
                  {"kind": "original", "trigger": backdoor.trigger}))
     runs.append(("finetune", None, None, None, {"kind": "none"}))

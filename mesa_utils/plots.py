@@ -21,6 +21,7 @@ METHOD_STYLE = {   # method -> (label, colour, marker)
     "mesa_entropy_mixture": ("MESA mixture, Algorithm 1 weights", "tab:pink", "P"),
     "baseline": ("baseline", "tab:red", "s"),
     "neural_cleanse": ("Neural Cleanse", "tab:orange", "^"),
+    "neural_cleanse_crop": ("Neural Cleanse, cropped, random places", "gold", "<"),
     "ideal": ("ideal", "tab:green", "*"),
     "finetune": ("control: fine-tune, no trigger", "tab:gray", "X"),
     "random_patch": ("control: random 3x3 patches", "tab:brown", "v"),

@@ -136,7 +136,8 @@ def test_every_defence_source_and_both_controls_are_compared(toy_ctx, monkeypatc
     runs = defense.defense_sources(toy_ctx, backdoor)
     methods = [r[0] for r in runs]
     assert methods == ["mesa", "mesa", "mesa_mixture", "mesa_entropy_mixture", "baseline",
-                       "baseline", "neural_cleanse", "ideal", "finetune", "random_patch"]
+                       "baseline", "neural_cleanse", "neural_cleanse_crop", "ideal", "finetune",
+                       "random_patch"]
     finetune, random_patch = runs[-2], runs[-1]
     assert finetune[3] is None and finetune[4] == {"kind": "none"}
     assert isinstance(random_patch[3], RandomPatchSource) and random_patch[4]["kind"] == "random_patch"
@@ -169,3 +170,27 @@ def test_every_method_but_the_baseline_is_retrained_from_each_seed(toy_ctx, monk
     assert len(set(trained)) == len(trained)                 # no retraining twice
     assert [r["asr_after"] for r in rows[:3]] == pytest.approx([0.10, 0.11, 0.12])
     assert all(r["asr_after_low"] < r["asr_after"] < r["asr_after_high"] for r in rows)
+
+
+def test_neural_cleanse_crop_cuts_the_mask_box_and_pastes_it_anywhere():
+    from mesa_utils.defense import MaskedPatchPaster, crop_to_mask
+    mask = torch.zeros(1, 32, 32)
+    mask[0, 5, 7], mask[0, 7, 9], mask[0, 6, 8] = 1.0, 0.6, 0.3    # box rows 5-7, cols 7-9
+    mask[0, 20, 20] = 0.4                                            # below the threshold
+    pattern = torch.rand(3, 32, 32)
+    crop_mask, crop_pattern = crop_to_mask(mask, pattern)
+    assert crop_mask.shape == (1, 3, 3) and crop_pattern.shape == (3, 3, 3)
+    assert torch.equal(crop_mask, mask[:, 5:8, 7:10])
+    assert torch.equal(crop_pattern, pattern[:, 5:8, 7:10])
+    faint = torch.full((1, 32, 32), 0.1)
+    faint[0, 3, 4] = 0.2                                             # none reaches 0.5
+    assert crop_to_mask(faint, pattern)[0].shape == (1, 1, 1)        # its largest pixel
+    grey = torch.full((200, 3, 32, 32), 0.5)
+    out = MaskedPatchPaster(crop_mask, crop_pattern)(grey, torch.Generator().manual_seed(0))
+    changed = (out != grey).any(1)
+    corners = {tuple(c.nonzero().min(0).values.tolist()) for c in changed}
+    assert len(corners) > 100                                        # anywhere, per image
+    r, c = next(iter(changed)).nonzero().min(0).values.tolist()
+    window = out[0, :, r:r + 3, c:c + 3]
+    assert torch.allclose(window, (1 - crop_mask) * 0.5 + crop_mask * crop_pattern)
+    assert changed.flatten(1).sum(1).le(3).all()                     # only the 3 masked pixels
