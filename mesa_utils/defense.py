@@ -6,8 +6,7 @@ model unlearns the trigger -> target association. The sources compared in 04_def
 MESA sub-models (one per beta), their uniform mixture and their mixture with Algorithm 1's
 weights; the baseline's single reversed trigger (raw 3x3 pixels optimised toward the target,
 several random starts); Neural Cleanse's reversed mask + pattern, at its place and cut to its
-mask's bounding box at random places; and the original trigger
-itself (the ideal defence). Two controls are retrained alike: `finetune` (no trigger at all)
+mask's bounding box at random places; and the original trigger itself (the ideal defence). Two controls are retrained alike: `finetune` (no trigger at all)
 and `random_patch` (a fresh uniformly random 3x3 patch per poisoned image): a defence earns
 its ASR only below what they reach.
 """
@@ -253,9 +252,10 @@ def defense_sources(ctx: Context, backdoor: Backdoor) -> list:
     start, source, source spec): mesa (one per beta of the staircase), mesa_mixture (uniform
     gamma), mesa_entropy_mixture (Algorithm 1's gamma: mesa.entropy_weights; left out, with a
     warning, when every sub-model is empty), baseline (one per start), neural_cleanse (its
-    reversal for the target class, at its place), neural_cleanse_crop (that reversal cut to its
-    mask's bounding box, pasted at random places), ideal (the original trigger), the controls finetune
-    (no trigger: source None, nothing pasted) and random_patch (uniformly random 3x3 patches).
+    reversal for the target class, at its place), neural_cleanse_crop (that reversal cut to
+    its mask's bounding box, pasted at random places), ideal (the original trigger), and the
+    controls finetune (no trigger: source None, nothing pasted) and random_patch (uniformly
+    random 3x3 patches).
     The spec identifies the source in the retraining's key."""
     bank = staircase_bank(ctx, backdoor)
     runs = [("mesa", member.beta, None, bank.sampler([member]),
