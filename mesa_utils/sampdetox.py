@@ -293,6 +293,14 @@ def purified_images(ctx: Context, diffusion, images: torch.Tensor, source_spec: 
     return ctx.store.get_or_build("purified", spec, build)
 
 
+def purified_triggered(ctx: Context, diffusion, backdoor: Backdoor) -> tuple:
+    """(triggered uint8 images, their true labels, purified_images of them): the backdoor's
+    triggered eval images (triggered_inputs) and their purification, cached per backdoor."""
+    triggered, true_labels = triggered_inputs(ctx, backdoor)
+    return triggered, true_labels, purified_images(
+        ctx, diffusion, triggered, {"kind": "triggered", "backdoor": backdoor.key})
+
+
 STAGES = {"none": None, "stage 1": "stage1", "SampDetox": "output"}   # row name -> images
 
 
@@ -333,9 +341,7 @@ def sampdetox_rows(ctx: Context, backdoors: list) -> list:
     rows = []
     for backdoor in backdoors:
         model = backdoor.model(ctx)
-        triggered, true_labels = triggered_inputs(ctx, backdoor)
-        attacked = purified_images(ctx, diffusion, triggered,
-                                   {"kind": "triggered", "backdoor": backdoor.key})
+        triggered, true_labels, attacked = purified_triggered(ctx, diffusion, backdoor)
         for stage, field in STAGES.items():
             clean_in = images if field is None else clean[field].to(ctx.device)
             attacked_in = triggered if field is None else attacked[field].to(ctx.device)
@@ -359,9 +365,7 @@ def trigger_levels(ctx: Context, backdoors: list) -> list:
     half = ctx.cfg.sampdetox.t2 / 2
     rows = []
     for backdoor in backdoors:
-        triggered, _ = triggered_inputs(ctx, backdoor)
-        attacked = purified_images(ctx, diffusion, triggered,
-                                   {"kind": "triggered", "backdoor": backdoor.key})
+        triggered, _, attacked = purified_triggered(ctx, diffusion, backdoor)
         on = (triggered != images[labels != backdoor.target]).any(-1).cpu()    # (n, H, W)
         levels = attacked["levels"].float()
         rows.append({"model": backdoor.name, "trigger_pixels": int(on.sum()),
