@@ -29,11 +29,15 @@ from .triggers import RandomPatchSource, TriggerPaster, apply_trigger, random_po
 # ---------------------------------------------------------------------------------------------
 # Baseline: single reversed trigger, several random starts optimised as one batch
 
-def reverse_triggers(ctx: Context, classifier, target, bcfg, images, seed=0) -> torch.Tensor:
+def reverse_triggers(ctx: Context, classifier, target, bcfg, images, seed=0,
+                     hinge_beta=None) -> torch.Tensor:
     """bcfg.starts raw triggers (S, 3, 3, 3) in [0, 1] optimised toward `target`.
 
     Each start: uniform random init, SGD (lr, momentum) on the cross-entropy toward the target
-    of its trigger pasted on a batch of images, clipped to [0, 1] after each step.
+    of its trigger pasted on a batch of images, clipped to [0, 1] after each step. With
+    `hinge_beta` the loss is instead MESA's hinge max(0, beta - softmax_target) with no entropy
+    term (alpha = 0, the paper's wording of its baseline): it stops pushing once the target
+    softmax passes beta. The starts are the same either way (drawn first from `seed`).
     """
     device, s, b = ctx.device, bcfg.starts, bcfg.batch_size
     classifier = frozen(classifier)
@@ -49,8 +53,12 @@ def reverse_triggers(ctx: Context, classifier, target, bcfg, images, seed=0) -> 
                           generator=generator)
         with autocast(device, ctx.amp):
             logits = classifier(x)
+        if hinge_beta is None:
+            per_image = F.cross_entropy(logits.float(), labels, reduction="none")
+        else:
+            per_image = F.relu(hinge_beta - logits.float().softmax(1)[:, target])
         # Sum of per-start means: each start gets exactly its own gradient.
-        loss = F.cross_entropy(logits.float(), labels, reduction="none").view(s, b).mean(1).sum()
+        loss = per_image.view(s, b).mean(1).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -184,41 +192,56 @@ def neural_cleanse(ctx: Context, classifier, ncfg, images, seed=0) -> dict:
 # Retraining and the whole comparison for one trigger
 
 def retrain(ctx: Context, backdoor: Backdoor, source, source_spec: dict, seed=0,
-            desc="defence") -> dict:
+            desc="defence", holdout: int = 0) -> dict:
     """Fine-tune a copy of the backdoored model with `source` (true labels kept), cached.
 
     Returns a record with clean_accuracy and asr (of the ORIGINAL trigger) on the 2K eval
     split, the training history, and the retrained weights (unless cfg.save_retrained is off).
+    holdout > 0 trains on the defender's split less its first `holdout` images and adds
+    holdout_asr and holdout_clean_accuracy measured on those (for choices made before the eval
+    split is looked at, notebook 07).
     """
     cfg = ctx.cfg
     spec = {"stage": "defense", "parent": backdoor.key, "source": source_spec,
             "train": to_dict(cfg.defense), "seed": seed}
+    if holdout:         # 0 keeps the keys made before holdouts existed
+        spec["holdout"] = holdout
+    images, labels = ctx.splits.defense_images, ctx.splits.defense_labels
 
     def build():
         model = backdoor.model(ctx)
-        history = fit(ctx, model, ctx.splits.defense_images, ctx.splits.defense_labels,
-                      cfg.defense, "defense", source=source, target=None, seed=seed, desc=desc)
+        history = fit(ctx, model, images[holdout:], labels[holdout:], cfg.defense, "defense",
+                      source=source, target=None, seed=seed, desc=desc)
         record = {"history": history,
                   "clean_accuracy": clean_accuracy(ctx, model, ctx.splits.eval_images,
                                                    ctx.splits.eval_labels),
                   "asr": attack_success_rate(ctx, model, ctx.splits.eval_images,
                                              ctx.splits.eval_labels, backdoor.source(),
                                              backdoor.target)}
+        if holdout:
+            record["holdout_clean_accuracy"] = clean_accuracy(ctx, model, images[:holdout],
+                                                              labels[:holdout])
+            record["holdout_asr"] = attack_success_rate(ctx, model, images[:holdout],
+                                                        labels[:holdout], backdoor.source(),
+                                                        backdoor.target)
         if cfg.save_retrained:
             record["state_dict"] = state_dict_cpu(model)
         return record
     return ctx.store.get_or_build("defense", spec, build)
 
 
-def baseline_triggers(ctx: Context, backdoor: Backdoor) -> torch.Tensor:
-    """The baseline's reversed triggers (starts, 3, 3, 3) for a backdoored model, cached."""
+def baseline_triggers(ctx: Context, backdoor: Backdoor, hinge_beta=None) -> torch.Tensor:
+    """The baseline's reversed triggers (starts, 3, 3, 3) for a backdoored model, cached:
+    cross-entropy toward the target, or MESA's hinge at `hinge_beta` (reverse_triggers)."""
     cfg = ctx.cfg
     spec = {"stage": "reverse", "parent": backdoor.key, "target": backdoor.target,
             "baseline": to_dict(cfg.baseline), "seed": cfg.seed}
+    if hinge_beta is not None:      # the cross-entropy keys stay those made before the hinge
+        spec["hinge_beta"] = hinge_beta
 
     def build():
         return reverse_triggers(ctx, backdoor.model(ctx), backdoor.target, cfg.baseline,
-                                ctx.splits.defense_images, cfg.seed).cpu()
+                                ctx.splits.defense_images, cfg.seed, hinge_beta).cpu()
     return ctx.store.get_or_build("reverse", spec, build)
 
 
@@ -247,51 +270,74 @@ def neural_cleanse_row(ctx: Context, backdoor: Backdoor) -> dict:
             "flagged_classes": nc["flagged"].nonzero().flatten().tolist()}
 
 
-def defense_sources(ctx: Context, backdoor: Backdoor) -> list:
-    """Every trigger source of 04's comparison for one backdoored model, as (method, beta,
-    start, source, source spec): mesa (one per beta of the staircase), mesa_mixture (uniform
-    gamma), mesa_entropy_mixture (Algorithm 1's gamma: mesa.entropy_weights; left out, with a
-    warning, when every sub-model is empty), baseline (one per start), neural_cleanse (its
-    reversal for the target class, at its place), neural_cleanse_crop (that reversal cut to
-    its mask's bounding box, pasted at random places), ideal (the original trigger), and the
-    controls finetune (no trigger: source None, nothing pasted) and random_patch (uniformly
-    random 3x3 patches).
+DEFENSE_METHODS = ("mesa", "mesa_mixture", "mesa_entropy_mixture", "baseline", "neural_cleanse",
+                   "neural_cleanse_crop", "ideal", "finetune", "random_patch")
+
+
+def defense_sources(ctx: Context, backdoor: Backdoor, methods=DEFENSE_METHODS) -> list:
+    """The trigger sources of 04's comparison for one backdoored model, as (method, beta,
+    start, source, source spec), for each of `methods` (only those are built): mesa (one per
+    beta of the staircase), mesa_mixture (uniform gamma), mesa_entropy_mixture (Algorithm 1's
+    gamma: mesa.entropy_weights; left out, with a warning, when every sub-model is empty),
+    baseline (one per start), neural_cleanse (its reversal for the target class, at its
+    place), neural_cleanse_crop (that reversal cut to its mask's bounding box, pasted at
+    random places), ideal (the original trigger), and the controls finetune (no trigger:
+    source None, nothing pasted) and random_patch (uniformly random 3x3 patches).
     The spec identifies the source in the retraining's key."""
-    bank = staircase_bank(ctx, backdoor)
-    runs = [("mesa", member.beta, None, bank.sampler([member]),
-             {"kind": "mesa", "bank": bank.key, "members": [asdict(member)]})
-            for member in bank.members]
-    runs.append(("mesa_mixture", None, None, bank.sampler(),
-                 {"kind": "mesa", "bank": bank.key,
-                  "members": [asdict(m) for m in bank.members]}))
-    entropy_mixture = bank.entropy_sampler()
-    if entropy_mixture is None:
-        warnings.warn(f"trigger {backdoor.trigger}: every MESA sub-model is empty (mean target "
-                      "softmax below its beta), so Algorithm 1's mixture is undefined and "
-                      "mesa_entropy_mixture is left out for this trigger")
-    else:
-        runs.append(("mesa_entropy_mixture", None, None, entropy_mixture,
-                     {"kind": "mesa", "bank": bank.key,
-                      "members": [asdict(m) for m in bank.members],
-                      "weights": entropy_mixture.weights.tolist()}))
-    for start, trigger in enumerate(baseline_triggers(ctx, backdoor)):
-        runs.append(("baseline", None, start, TriggerPaster(trigger.to(ctx.device)),
-                     {"kind": "patch", "trigger": trigger.flatten().tolist()}))
-    nc = neural_cleanse_result(ctx, backdoor)
-    nc_mask, nc_pattern = (nc["masks"][backdoor.target].to(ctx.device),
-                           nc["patterns"][backdoor.target].to(ctx.device))
-    nc_spec = {"kind": "neural_cleanse", "parent": backdoor.key,
-               "neural_cleanse": to_dict(ctx.cfg.neural_cleanse)}
-    runs.append(("neural_cleanse", None, None, MaskSource(nc_mask, nc_pattern), nc_spec))
-    runs.append(("neural_cleanse_crop", None, None,
-                 MaskedPatchPaster(*crop_to_mask(nc_mask, nc_pattern)),
-                 {**nc_spec, "kind": "neural_cleanse_crop", "threshold": 0.5}))
-    runs.append(("ideal", None, None, backdoor.source(),
-                 {"kind": "original", "trigger": backdoor.trigger}))
-    runs.append(("finetune", None, None, None, {"kind": "none"}))
-    runs.append(("random_patch", None, None, RandomPatchSource((3, 3)),
-                 {"kind": "random_patch", "size": [3, 3]}))
+    unknown = sorted(set(methods) - set(DEFENSE_METHODS))
+    if unknown:
+        raise ValueError(f"unknown defence methods {unknown}; choose from {DEFENSE_METHODS}")
+    runs = []
+    if {"mesa", "mesa_mixture", "mesa_entropy_mixture"} & set(methods):
+        bank = staircase_bank(ctx, backdoor)
+        members = [asdict(m) for m in bank.members]
+    if "mesa" in methods:
+        runs += [("mesa", member.beta, None, bank.sampler([member]),
+                  {"kind": "mesa", "bank": bank.key, "members": [asdict(member)]})
+                 for member in bank.members]
+    if "mesa_mixture" in methods:
+        runs.append(("mesa_mixture", None, None, bank.sampler(),
+                     {"kind": "mesa", "bank": bank.key, "members": members}))
+    if "mesa_entropy_mixture" in methods:
+        entropy_mixture = bank.entropy_sampler()
+        if entropy_mixture is None:
+            warnings.warn(f"trigger {backdoor.trigger}: every MESA sub-model is empty (mean "
+                          "target softmax below its beta), so Algorithm 1's mixture is undefined "
+                          "and mesa_entropy_mixture is left out for this trigger")
+        else:
+            runs.append(("mesa_entropy_mixture", None, None, entropy_mixture,
+                         {"kind": "mesa", "bank": bank.key, "members": members,
+                          "weights": entropy_mixture.weights.tolist()}))
+    if "baseline" in methods:
+        runs += [("baseline", None, start, *patch_source(ctx, trigger))
+                 for start, trigger in enumerate(baseline_triggers(ctx, backdoor))]
+    if {"neural_cleanse", "neural_cleanse_crop"} & set(methods):
+        nc = neural_cleanse_result(ctx, backdoor)
+        nc_mask, nc_pattern = (nc["masks"][backdoor.target].to(ctx.device),
+                               nc["patterns"][backdoor.target].to(ctx.device))
+        nc_spec = {"kind": "neural_cleanse", "parent": backdoor.key,
+                   "neural_cleanse": to_dict(ctx.cfg.neural_cleanse)}
+    if "neural_cleanse" in methods:
+        runs.append(("neural_cleanse", None, None, MaskSource(nc_mask, nc_pattern), nc_spec))
+    if "neural_cleanse_crop" in methods:
+        runs.append(("neural_cleanse_crop", None, None,
+                     MaskedPatchPaster(*crop_to_mask(nc_mask, nc_pattern)),
+                     {**nc_spec, "kind": "neural_cleanse_crop", "threshold": 0.5}))
+    if "ideal" in methods:
+        runs.append(("ideal", None, None, backdoor.source(),
+                     {"kind": "original", "trigger": backdoor.trigger}))
+    if "finetune" in methods:
+        runs.append(("finetune", None, None, None, {"kind": "none"}))
+    if "random_patch" in methods:
+        runs.append(("random_patch", None, None, RandomPatchSource((3, 3)),
+                     {"kind": "random_patch", "size": [3, 3]}))
     return runs
+
+
+def patch_source(ctx: Context, trigger) -> tuple:
+    """(source, spec) of a fixed reversed 3x3 trigger (3, 3, 3) pasted at random places."""
+    return (TriggerPaster(trigger.to(ctx.device)),
+            {"kind": "patch", "trigger": trigger.flatten().tolist()})
 
 
 def retraining_seeds(cfg, method: str) -> list:
@@ -301,21 +347,31 @@ def retraining_seeds(cfg, method: str) -> list:
     return [cfg.seed + k for k in range(count)]
 
 
+def retrain_row(ctx: Context, backdoor: Backdoor, method: str, beta, start, source,
+                source_spec: dict, seed: int, holdout: int = 0) -> dict:
+    """One run of a comparison as a tidy row: `source` retrained (retrain) from `seed`, its
+    before/after ASR and clean accuracy on the eval split, asr_after_low/high the 95% Wilson
+    interval of its after-defence ASR; with `holdout`, also its holdout_asr and
+    holdout_clean_accuracy on the defender's held-out images."""
+    record = retrain(ctx, backdoor, source, source_spec, seed,
+                     desc=f"retrain {method_label(method, beta)}, trigger {backdoor.trigger}, "
+                          f"seed {seed}", holdout=holdout)
+    low, high = eval_asr_interval(ctx, record["asr"])
+    row = {"trigger": backdoor.trigger, "method": method, "beta": beta, "start": start,
+           "seed": seed, "asr_before": backdoor.asr, "asr_after": record["asr"],
+           "asr_after_low": low, "asr_after_high": high, "clean_before": backdoor.clean_accuracy,
+           "clean_after": record["clean_accuracy"]}
+    if holdout:
+        row.update(holdout_asr=record["holdout_asr"],
+                   holdout_clean_accuracy=record["holdout_clean_accuracy"])
+    return row
+
+
 def compare_defenses(ctx: Context, backdoor: Backdoor) -> list:
     """Every defence of 04_defense on one backdoored model (defense_sources), each retrained
     alike from each of its retraining_seeds: tidy rows of before/after ASR and clean accuracy,
     one per run (seed: the retraining's); asr_after_low/high is the 95% Wilson interval of
     each run's after-defence ASR."""
-    rows = []
-    for method, beta, start, source, source_spec in defense_sources(ctx, backdoor):
-        for seed in retraining_seeds(ctx.cfg, method):
-            record = retrain(ctx, backdoor, source, source_spec, seed,
-                             desc=f"retrain {method_label(method, beta)}, trigger "
-                                  f"{backdoor.trigger}, seed {seed}")
-            low, high = eval_asr_interval(ctx, record["asr"])
-            rows.append({"trigger": backdoor.trigger, "method": method, "beta": beta,
-                         "start": start, "seed": seed, "asr_before": backdoor.asr,
-                         "asr_after": record["asr"], "asr_after_low": low,
-                         "asr_after_high": high, "clean_before": backdoor.clean_accuracy,
-                         "clean_after": record["clean_accuracy"]})
-    return rows
+    return [retrain_row(ctx, backdoor, method, beta, start, source, spec, seed)
+            for method, beta, start, source, spec in defense_sources(ctx, backdoor)
+            for seed in retraining_seeds(ctx.cfg, method)]

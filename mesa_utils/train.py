@@ -362,13 +362,18 @@ def _attacked(ctx: Context, spec: dict, source, seed: int, desc: str) -> dict:
     return ctx.store.get_or_build("backdoor", spec, build)
 
 
-def backdoored_model(ctx: Context, trigger_id: int) -> Backdoor:
+def backdoored_model(ctx: Context, trigger_id: int, attack_seed: int = 0) -> Backdoor:
     """The clean model fine-tuned with the backdoor of `trigger_id` (cfg.attack: poisoned
-    images relabelled to cfg.target), trained once and cached."""
+    images relabelled to cfg.target), trained once and cached. attack_seed k > 0 gives a
+    sibling: the same attack on the same clean model with other batches and poisoned images."""
     cfg = ctx.cfg
     spec = backdoor_spec(ctx, trigger_id)
+    if attack_seed:     # seed 0 keeps the keys made before siblings existed
+        spec["attack_seed"] = attack_seed
+    # trigger ids are below 512, so every (trigger, attack_seed) trains from its own seed
     record = _attacked(ctx, spec, original_source(trigger_id, cfg.trigger_set),
-                       cfg.seed + trigger_id, f"attack {trigger_id}")
+                       cfg.seed + trigger_id + 512 * attack_seed,
+                       f"attack {trigger_id}" + (f" (seed {attack_seed})" if attack_seed else ""))
     return Backdoor(trigger_id, cfg.target, spec_key(spec), record, cfg.trigger_set)
 
 

@@ -157,7 +157,7 @@ def test_every_method_but_the_baseline_is_retrained_from_each_seed(toy_ctx, monk
     monkeypatch.setattr(defense, "defense_sources", lambda ctx, backdoor: sources)
     trained = []
 
-    def fake_retrain(ctx, backdoor, source, spec, seed, desc=""):
+    def fake_retrain(ctx, backdoor, source, spec, seed, desc="", holdout=0):
         trained.append((str(spec), seed))
         return {"asr": 0.05 + seed / 100, "clean_accuracy": 0.8}
     monkeypatch.setattr(defense, "retrain", fake_retrain)
