@@ -2,9 +2,10 @@
 # MESA reproduction: set up the environment if needed, then run the numbered notebooks with
 # papermill for one profile (default: quick), the test suite, or the per-trigger units as Ray tasks.
 #
-#   ./run_all.sh                          all notebooks, quick profile
+#   ./run_all.sh                          notebooks 01-06 (the paper's pipeline), quick profile
 #   ./run_all.sh --profile smoke|quick|paper [papermill options, e.g. -p seed 1 -y 'triggers: [170]']
-#   ./run_all.sh --only 03,04             only these notebooks, run in numeric order
+#   ./run_all.sh --only 03,04             only these notebooks, run in numeric order; 07 (the
+#                                         claim under other protocols, ~1 h in quick) runs only so
 #   ./run_all.sh --test                   unit tests + every notebook under nbval (smoke profile)
 #   ./run_all.sh --profile paper --workers N [--address A] [sweep options, e.g. --gpus-per-unit 0.25]
 #                                         the per-trigger units as Ray tasks (mesa_utils/sweep.py):
@@ -12,9 +13,11 @@
 #                                         results in figures/<profile>/units/, finished units skipped
 #   ./run_all.sh --prepare-device         copy what a GPU machine without internet needs (the CIFAR-10
 #                                         archive) into .device/ and print the one command to run there
-#   ./run_all.sh --refresh-notebooks      all notebooks, quick profile, then their outputs into the
-#                                         committed notebooks, stamped with the commit (which must
-#                                         hold all code: no uncommitted changes, no other options)
+#   ./run_all.sh --refresh-notebooks [--only 07]
+#                                         notebooks 01-06 (or those named), quick profile, then
+#                                         their outputs into the committed notebooks, stamped with
+#                                         the commit (which must hold all code: no uncommitted
+#                                         changes, no other options)
 #
 # Executed notebooks are kept in data/runs/<profile>/; figures and CSV tables go to
 # figures/<profile>/ (with overrides: figures/<profile>-<config hash>/), each notebook's with its
@@ -104,7 +107,6 @@ CODE_PATHS=(mesa_utils notebooks requirements.txt run_all.sh)
 if [[ $REFRESH == 1 ]]; then
     refuse() { echo "error: --refresh-notebooks $1" >&2; exit 2; }
     [[ $MODE != test ]] || refuse "cannot be combined with --test"
-    [[ $ONLY_GIVEN == 0 ]] || refuse "runs every notebook; leave out --only $ONLY"
     [[ $PROFILE == quick ]] || refuse "always uses the quick profile; leave out --profile $PROFILE"
     (( ${#PASSTHROUGH[@]} == 0 )) || refuse "takes no papermill options (got: ${PASSTHROUGH[*]}): the committed outputs must be those of the quick profile as committed"
     command -v git >/dev/null || refuse "needs git: the stamp names the commit whose code made the outputs"
@@ -117,9 +119,19 @@ fi
 # --- the notebooks to run (checked before the set-up, which can take minutes) -------------------
 shopt -s nullglob
 NOTEBOOKS=(notebooks/[0-9][0-9]_*.ipynb)
+# Notebooks from STUDIES_FROM on test the paper's claim beyond its figures and take long: they run
+# when --only names them, never by default (--test runs every notebook).
+STUDIES_FROM=07
 if [[ $MODE == run ]]; then
     (( ${#NOTEBOOKS[@]} )) || { echo "error: no notebooks found in notebooks/" >&2; exit 1; }
     NUMBERS=$(basename -a "${NOTEBOOKS[@]}" | cut -c1-2 | paste -sd ' ')
+    if [[ $ONLY_GIVEN == 0 ]]; then
+        PIPELINE=()
+        for nb in "${NOTEBOOKS[@]}"; do
+            [[ $(basename "$nb" | cut -c1-2) < $STUDIES_FROM ]] && PIPELINE+=("$nb")
+        done
+        NOTEBOOKS=("${PIPELINE[@]}")
+    fi
 fi
 if [[ $MODE == run && $ONLY_GIVEN == 1 ]]; then
     only=${ONLY//[[:space:]]/}              # "03, 04" means 03,04

@@ -303,3 +303,131 @@ def defence_metric_figure(table: pd.DataFrame):
     axes[0].set_ylabel("% (95% interval)")
     axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebook 07: the claim under other protocols
+
+BREADTH_ORDER = ("original", "rotation/flip", "inverted", "inverted + rotation/flip",
+                 "other trigger", "random 3x3")
+
+
+def breadth_figure(table: pd.DataFrame):
+    """ASR (%) of every probe of protocols.breadth_rows on each backdoored model: one point per
+    probe, grouped by kind (original, its symmetry variants, the other triggers, random 3x3
+    patches), one colour per backdoored model."""
+    order = [kind for kind in BREADTH_ORDER if (table.probe == kind).any()]
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    sns.stripplot(data=table.assign(asr_pct=100 * table.asr, model=table.trigger.astype(str)),
+                  x="probe", y="asr_pct", hue="model", order=order, dodge=True, jitter=0.25,
+                  size=4, ax=ax)
+    ax.set_xlabel("")
+    ax.set_ylabel("ASR on the backdoored model (%)")
+    ax.tick_params(axis="x", labelsize=8)
+    ax.legend(title="backdoor of trigger", fontsize=7, title_fontsize=7)
+    return fig
+
+
+def attack_map_figure(table: pd.DataFrame):
+    """The attack map: ASR (%) over poison rate x learning rate, one panel per number of
+    epochs, each cell also giving the clean-accuracy drop in points; cells that plant a
+    backdoor (protocols.PLANTED_ASR at most PLANTED_MAX_DROP_PTS drop) are boxed."""
+    epochs = sorted(table.epochs.unique())
+    fig, axes = plt.subplots(1, len(epochs), figsize=(4.2 * len(epochs), 3.4), squeeze=False)
+    for ax, e in zip(axes[0], epochs):
+        part = table[table.epochs == e]
+        asr = part.pivot(index="poison_rate", columns="lr", values="asr").mul(100)
+        drop = part.pivot(index="poison_rate", columns="lr", values="accuracy_drop_pts")
+        plants = part.pivot(index="poison_rate", columns="lr", values="plants")
+        text = asr.round(1).astype(str) + "%\n" + drop.map(lambda d: f"{-d:+.1f} pts")
+        sns.heatmap(asr, annot=text, fmt="", vmin=0, vmax=100, cmap="Reds", ax=ax,
+                    cbar=ax is axes[0][-1], annot_kws={"fontsize": 7})
+        for i, rate in enumerate(asr.index):
+            for j, lr in enumerate(asr.columns):
+                if plants.loc[rate, lr]:
+                    ax.add_patch(plt.Rectangle((j, i), 1, 1, fill=False, lw=2, ec="black"))
+        ax.set_title(f"{e} epoch{'s' if e > 1 else ''}: ASR and clean-accuracy change",
+                     fontsize=9)
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("poison rate")
+    return fig
+
+
+def exposure_figure(table: pd.DataFrame):
+    """After-defence ASR (%) against the retraining rate r: per method its mean over the
+    triggers and runs, with a bar from its best to its worst run (protocols.exposure_rows)."""
+    from .analysis import method_label
+    labelled = table.assign(label=[method_label(m, b) for m, b in zip(table.method, table.beta)])
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for label in dict.fromkeys(labelled.label):
+        method = labelled[labelled.label == label].method.iloc[0]
+        name, colour, marker = METHOD_STYLE[method]
+        name = label.replace("mesa beta=", "MESA beta=") if method == "mesa" else name
+        stats = (labelled[labelled.label == label].groupby("rate").asr_after
+                 .agg(["mean", "min", "max"]).sort_index())
+        ax.errorbar(100 * stats.index, 100 * stats["mean"],
+                    yerr=100 * np.stack([stats["mean"] - stats["min"],
+                                         stats["max"] - stats["mean"]]),
+                    fmt=marker + "-", color=colour, capsize=2, ms=4, lw=1, label=name)
+    ax.set_xscale("log")
+    rates = sorted(table.rate.unique())
+    ax.set_xticks([100 * r for r in rates], [f"{100 * r:g}" for r in rates])
+    ax.set_xlabel("retraining rate r (% of images triggered)")
+    ax.set_ylabel("ASR after defence (%)\nmean, best to worst run")
+    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    return fig
+
+
+def baseline_variants_figure(table: pd.DataFrame):
+    """After-defence ASR (%) of the baseline three ways (protocols.baseline_variant_rows):
+    one point per start, one colour per trigger."""
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    sns.stripplot(data=table.assign(asr_pct=100 * table.asr_after,
+                                    model=table.trigger.astype(str)),
+                  x="variant", y="asr_pct", hue="model", dodge=True, size=5, ax=ax)
+    ax.set_xlabel("how the single trigger was reversed")
+    ax.set_ylabel("ASR after defence (%)")
+    ax.legend(title="trigger", fontsize=7, title_fontsize=7)
+    return fig
+
+
+SCREEN_PROXIES = {   # column of a screen row -> what it measures, before any retraining
+    "inverted_asr": "ASR of the inverted trigger (%)",
+    "symmetry_max_asr": "highest ASR of a rotation, flip\nor inversion of the trigger (%)",
+    "random_patch_asr": "ASR of random 3x3 patches (%)",
+    "reversed_asr": "ASR of the reversed trigger\n(held-out images, %)",
+}
+
+
+def screen_figure(table: pd.DataFrame, triggers_by_id: dict):
+    """The hard-trigger screen: per trigger (sorted, hardest on the right) the ASR left by the
+    single reversed trigger's retraining on the held-out images and on the eval split (mean
+    over the screened starts), with the ASR before the defence; thumbnails name the triggers."""
+    per_trigger = (table.groupby("trigger")[["holdout_asr", "asr_after", "asr_before"]].mean()
+                   .sort_values("holdout_asr"))
+    x = np.arange(len(per_trigger))
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(x) + 2), 3.6))
+    ax.plot(x, 100 * per_trigger.holdout_asr, "s", color="tab:red", ms=4,
+            label="after: held-out images (ranks)")
+    ax.plot(x, 100 * per_trigger.asr_after, "o", mfc="none", color="tab:red", ms=5,
+            label="after: eval split (reports)")
+    ax.plot(x, 100 * per_trigger.asr_before, "_", color="black", ms=8, label="before the defence")
+    ax.set_ylabel("ASR of the original trigger (%)")
+    ax.set_xlim(-0.5, len(x) - 0.5)
+    _thumbnail_ticks(ax, [triggers_by_id[t] for t in per_trigger.index], zoom=2.5)
+    ax.legend(fontsize=7, loc="upper left")
+    return fig
+
+
+def screen_proxy_figure(table: pd.DataFrame):
+    """Each cheap measure of SCREEN_PROXIES (x) against the held-out ASR the single reversed
+    trigger's retraining left (y), one point per trigger and start; -1 (no such probe) left
+    out."""
+    fig, axes = plt.subplots(1, len(SCREEN_PROXIES), figsize=(3.2 * len(SCREEN_PROXIES), 3),
+                             sharey=True)
+    for ax, (column, label) in zip(axes, SCREEN_PROXIES.items()):
+        part = table[table[column] >= 0]
+        ax.scatter(100 * part[column], 100 * part.holdout_asr, s=12, color="tab:red")
+        ax.set_xlabel(label, fontsize=8)
+    axes[0].set_ylabel("ASR after the baseline's\nretraining (held-out, %)")
+    return fig

@@ -130,6 +130,18 @@ def tiny_notebook():
             "nbformat": 4, "nbformat_minor": 5}
 
 
+def test_run_all_runs_the_studies_from_07_only_when_named(tmp_path):
+    venv = ready_venv()
+    runs = repo_copy(tmp_path, {"01_tiny.ipynb": tiny_notebook(),
+                                "07_study.ipynb": tiny_notebook()})
+    default = run_copy(tmp_path, venv, "--profile", "smoke")
+    assert default.returncode == 0, default.stderr
+    assert sorted(p.name for p in runs.iterdir()) == ["01_tiny.ipynb"]
+    named = run_copy(tmp_path, venv, "--profile", "smoke", "--only", "07")
+    assert named.returncode == 0, named.stderr
+    assert sorted(p.name for p in runs.iterdir()) == ["01_tiny.ipynb", "07_study.ipynb"]
+
+
 def test_run_all_keeps_the_last_complete_notebook_when_a_run_fails(tmp_path):
     venv = ready_venv()
     runs = repo_copy(tmp_path, {"01_tiny.ipynb": tiny_notebook()})
@@ -153,7 +165,6 @@ NO_PYTHON = {**os.environ, "PYTHON": "no-such-python"}
 
 @pytest.mark.parametrize("args, message", [
     (["--test"], "--refresh-notebooks cannot be combined with --test"),
-    (["--only", "01"], "--refresh-notebooks runs every notebook; leave out --only 01"),
     (["--profile", "smoke"], "--refresh-notebooks always uses the quick profile; leave out "
                              "--profile smoke"),
     (["-p", "seed", "1"], "--refresh-notebooks takes no papermill options (got: -p seed 1 "
