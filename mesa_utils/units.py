@@ -22,35 +22,43 @@ import datetime
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
-from .config import (BlendedConfig, SampDetoxConfig, StudyConfig, VisualizationConfig,
-                     make_config, to_dict)
+from .config import (BlendedConfig, ProtocolsConfig, SampDetoxConfig, StudyConfig,
+                     VisualizationConfig, make_config, to_dict)
 from .defense import compare_defenses, neural_cleanse_row
 from .mesa import detect_target, staircase_bank
 from .outputs import code_version, output_folder
+from .protocols import screen_rows, screen_triggers
 from .store import REPO_ROOT, spec_key, write_json
 from .train import attack_table, backdoored_model, clean_model, progress, setup
 
 TABLES = ("attack", "detection", "staircase", "defense_runs", "neural_cleanse")
 
 
-def config_key(cfg) -> str:
+def config_key(cfg, kind=None) -> str:
     """The hash of everything a unit's rows depend on: the config less the device (where a
-    run computes, not what), the trigger list (a unit is one trigger) and the sections of
-    notebooks 03, 05 and 06 (study, visualization, blended, sampdetox), which no unit uses.
-    Units of one profile run in several batches of triggers therefore merge."""
+    run computes, not what), the trigger lists (a unit is one trigger) and the sections of
+    notebooks 03, 05 and 06 (study, visualization, blended, sampdetox), which no unit uses;
+    the protocols section (notebook 07) counts only for kind SCREEN. Units of one profile run
+    in several batches of triggers therefore merge."""
+    kind = kind or PIPELINE
+    protocols = (dataclasses.replace(cfg.protocols, screen_triggers=())
+                 if kind.uses_protocols else ProtocolsConfig())
     neutral = dataclasses.replace(cfg, device="auto", triggers=(0,), study=StudyConfig(),
                                   visualization=VisualizationConfig(), blended=BlendedConfig(),
-                                  sampdetox=SampDetoxConfig())
+                                  sampdetox=SampDetoxConfig(), protocols=protocols)
     return spec_key(to_dict(neutral))
 
 
-def unit_folder(cfg, outputs: str | None = None, root=None) -> Path:
-    """Where the unit files of `cfg` go: figures/<profile or outputs>/units/."""
-    return Path(root or REPO_ROOT / "figures") / output_folder(cfg, outputs) / "units"
+def unit_folder(cfg, outputs: str | None = None, root=None, kind=None) -> Path:
+    """Where the unit files of `cfg` go: figures/<profile or outputs>/<kind's folder>/."""
+    return (Path(root or REPO_ROOT / "figures") / output_folder(cfg, outputs)
+            / (kind or PIPELINE).folder)
 
 
 def unit_path(folder: Path, trigger: int) -> Path:
@@ -70,7 +78,27 @@ def unit_tables(ctx, trigger: int) -> dict:
             "neural_cleanse": [neural_cleanse_row(ctx, backdoor)]}
 
 
-def read_unit(path: Path, cfg) -> dict | None:
+@dataclass(frozen=True)
+class UnitKind:
+    """What a kind of unit computes for one trigger: `tables(ctx, trigger)` -> {table: rows},
+    over the triggers `triggers(cfg)`, written into figures/<outputs>/<folder>/."""
+    name: str
+    folder: str
+    table_names: tuple
+    tables: Callable
+    triggers: Callable
+    uses_protocols: bool = False
+
+
+PIPELINE = UnitKind("pipeline", "units", TABLES, unit_tables, lambda cfg: cfg.triggers)
+# The hard-trigger screen of notebook 07's protocols: over protocols.screen_triggers (all 51).
+SCREEN = UnitKind("screen", "screen", ("screen",),
+                  lambda ctx, trigger: {"screen": screen_rows(ctx, trigger)}, screen_triggers,
+                  uses_protocols=True)
+KINDS = {kind.name: kind for kind in (PIPELINE, SCREEN)}
+
+
+def read_unit(path: Path, cfg, kind=None) -> dict | None:
     """The unit file at `path` if it exists and belongs to `cfg`, else None when it does not
     exist. A file of another config (or not a unit file) raises ValueError naming it."""
     path = Path(path)
@@ -82,59 +110,66 @@ def read_unit(path: Path, cfg) -> dict | None:
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path} is not a unit result ({error}); move it away to run the "
                          "unit again") from None
-    if key != config_key(cfg):
+    if key != config_key(cfg, kind):
         raise ValueError(f"{path} holds a unit of another config (key {key}, this run "
-                         f"{config_key(cfg)}); it is not overwritten: choose another outputs "
-                         "folder or move the file away")
+                         f"{config_key(cfg, kind)}); it is not overwritten: choose another "
+                         "outputs folder or move the file away")
     return unit
 
 
-def pending_triggers(cfg, folder: Path) -> list:
-    """cfg.triggers without a finished unit file in `folder` (files of another config raise)."""
-    return [t for t in cfg.triggers if read_unit(unit_path(folder, t), cfg) is None]
+def pending_triggers(cfg, folder: Path, kind=None) -> list:
+    """The kind's triggers (cfg.triggers for the pipeline) without a finished unit file in
+    `folder` (files of another config raise)."""
+    kind = kind or PIPELINE
+    return [t for t in kind.triggers(cfg) if read_unit(unit_path(folder, t), cfg, kind) is None]
 
 
-def unit_record(ctx, trigger: int) -> dict:
-    """One trigger's unit result: unit_tables with the config, its key, the code version,
-    when it finished and how long it took."""
+def unit_record(ctx, trigger: int, kind=None) -> dict:
+    """One trigger's unit result: the kind's tables (unit_tables for the pipeline) with the
+    config, its key, the code version, when it finished and how long it took."""
+    kind = kind or PIPELINE
     start = time.time()
-    tables = unit_tables(ctx, trigger)
-    return {"trigger": trigger, "config": to_dict(ctx.cfg), "config_key": config_key(ctx.cfg),
+    tables = kind.tables(ctx, trigger)
+    return {"trigger": trigger, "config": to_dict(ctx.cfg),
+            "config_key": config_key(ctx.cfg, kind),
             **code_version(),
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds"),
             "seconds": round(time.time() - start, 1), "tables": tables}
 
 
-def run_unit(ctx, trigger: int, folder: Path) -> Path:
+def run_unit(ctx, trigger: int, folder: Path, kind=None) -> Path:
     """Run one trigger's unit (resuming from the store) and write its file; returns the path.
     A finished unit of the same config is left as it is."""
     path = unit_path(folder, trigger)
-    if read_unit(path, ctx.cfg) is None:
-        write_json(path, unit_record(ctx, trigger))
+    if read_unit(path, ctx.cfg, kind) is None:
+        write_json(path, unit_record(ctx, trigger, kind))
     return path
 
 
-def run_units(cfg, outputs: str | None = None, root=None) -> Path:
-    """Every pending unit of `cfg`, one after another in this process; returns the folder."""
-    folder = unit_folder(cfg, outputs, root)
-    todo = pending_triggers(cfg, folder)
+def run_units(cfg, outputs: str | None = None, root=None, kind=None) -> Path:
+    """Every pending unit of `cfg` (and kind: the pipeline by default), one after another in
+    this process, in the kind's trigger order; returns the folder."""
+    folder = unit_folder(cfg, outputs, root, kind)
+    todo = pending_triggers(cfg, folder, kind)
     if todo:
         ctx = setup(cfg)
         clean_model(ctx)
-        for trigger in progress(todo, f"units ({cfg.profile})"):
-            run_unit(ctx, trigger, folder)
+        for trigger in progress(todo, f"{(kind or PIPELINE).name} units ({cfg.profile})"):
+            run_unit(ctx, trigger, folder, kind)
     return folder
 
 
-def merge_units(cfg, folder: Path) -> dict:
-    """{table: DataFrame} of every unit file of `cfg` in `folder`, in cfg.triggers' order,
+def merge_units(cfg, folder: Path, kind=None) -> dict:
+    """{table: DataFrame} of every unit file of `cfg` in `folder`, in the kind's trigger order,
     with `missing`: the triggers without one. Files of another config raise ValueError."""
-    units = {t: read_unit(unit_path(folder, t), cfg) for t in cfg.triggers}
-    merged = {name: pd.DataFrame([row for t in cfg.triggers if units[t]
+    kind = kind or PIPELINE
+    triggers = kind.triggers(cfg)
+    units = {t: read_unit(unit_path(folder, t), cfg, kind) for t in triggers}
+    merged = {name: pd.DataFrame([row for t in triggers if units[t]
                                   for row in units[t]["tables"][name]])
-              for name in TABLES}
-    merged["missing"] = [t for t in cfg.triggers if units[t] is None]
+              for name in kind.table_names}
+    merged["missing"] = [t for t in triggers if units[t] is None]
     return merged
 
 
@@ -174,14 +209,19 @@ def main(argv=None) -> int:
                                      description="Run every per-trigger unit without a result "
                                                  "file, one after another in this process.")
     add_run_arguments(parser)
+    parser.add_argument("--kind", choices=sorted(KINDS), default=PIPELINE.name,
+                        help="pipeline: everything of notebooks 01-04 per trigger of the profile "
+                             "(default); screen: the hard-trigger screen of notebook 07 over "
+                             "protocols.screen_triggers (all 51 by default)")
     args = parser.parse_args(argv)
     _, _, cfg = config_from_arguments(parser, args)
+    kind = KINDS[args.kind]
     start = time.time()
-    folder = unit_folder(cfg, args.outputs)
-    todo = pending_triggers(cfg, folder)
-    run_units(cfg, args.outputs)
+    folder = unit_folder(cfg, args.outputs, kind=kind)
+    todo = pending_triggers(cfg, folder, kind)
+    run_units(cfg, args.outputs, kind=kind)
     print(f"units in {folder}: {len(todo)} run in {time.time() - start:.0f} s, "
-          f"{len(cfg.triggers) - len(todo)} already there")
+          f"{len(kind.triggers(cfg)) - len(todo)} already there")
     return 0
 
 

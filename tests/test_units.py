@@ -130,3 +130,25 @@ def test_a_random_colour_trigger_set_runs_through_the_same_units(tmp_path, store
     assert "trigger_set" not in backdoor_spec(black_white, 3)
     assert backdoor_spec(ctx, 3) == {**backdoor_spec(black_white, 3),
                                      "trigger_set": "random_colour"}
+
+
+def test_screen_units_run_over_their_own_triggers_and_key_on_the_protocols(tmp_path, store):
+    from mesa_utils.protocols import screen_rows
+    from mesa_utils.units import SCREEN
+    cfg = make_config("smoke", **CPU, **{"protocols.screen_triggers": (0, 7)})
+    folder = run_units(cfg, root=tmp_path, kind=SCREEN)
+    assert folder == unit_folder(cfg, root=tmp_path, kind=SCREEN) and folder.name == "screen"
+    assert sorted(p.name for p in folder.glob("*.json")) == ["unit_0.json", "unit_7.json"]
+    merged = merge_units(cfg, folder, SCREEN)
+    assert merged["missing"] == [] and list(merged["screen"].trigger) == [0, 7]
+    row = merged["screen"].iloc[0]
+    assert (row.method, row.start, row.rate) == ("baseline", 0, cfg.protocols.screen_rate)
+    assert 0 <= row.holdout_asr <= 1 and 0 <= row.inverted_asr <= 1     # 0's inversion: 511
+    rows = screen_rows(setup(cfg), 7)                   # the same rows again, from the store
+    pd.testing.assert_frame_equal(_frame(merged["screen"][merged["screen"].trigger == 7]),
+                                  _frame(rows), check_dtype=False)
+    # the screen's triggers do not change its key; its rate does; the pipeline ignores both
+    more = make_config("smoke", **{"protocols.screen_triggers": (1,)})
+    faster = make_config("smoke", **{"protocols.screen_rate": 0.5})
+    assert config_key(more, SCREEN) == config_key(cfg, SCREEN) != config_key(faster, SCREEN)
+    assert config_key(faster) == config_key(cfg)
