@@ -275,7 +275,8 @@ def screen_rows(ctx: Context, trigger: int) -> list:
 
 def mean_table(table, by: list, value: str = "asr_after"):
     """Per group of `by`: runs, the mean of `value` in % with its 95% bootstrap interval over
-    the group's runs, and the worst (largest) run, rounded to 0.01 points."""
+    the group's runs, and the worst (largest) run, rounded to 0.01 points (the group keys are
+    kept as they are: a rate of 0.025 must stay a key, not become 0.02)."""
     if "method" in table and "beta" in table:
         table = table.assign(method=[method_label(m, b) for m, b in zip(table.method, table.beta)])
     rows = []
@@ -284,4 +285,4 @@ def mean_table(table, by: list, value: str = "asr_after"):
         rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))),
                      "runs": len(part), "mean_%": 100 * part[value].mean(), "low_%": 100 * low,
                      "high_%": 100 * high, "worst_%": 100 * part[value].max()})
-    return pd.DataFrame(rows).round(2)
+    return pd.DataFrame(rows).round({"mean_%": 2, "low_%": 2, "high_%": 2, "worst_%": 2})

@@ -164,6 +164,11 @@ def test_mean_table_gives_mean_interval_and_worst_per_group():
     assert table.loc["baseline", "low_%"] < 20 < table.loc["baseline", "high_%"]
     assert table.loc["mesa beta=0.9", "runs"] == 2
     assert table.loc["mesa beta=0.9", ["low_%", "high_%"]].tolist() == [5, 5]
+    # group keys are not rounded with the statistics: rows stay addressable by their rate
+    by_rate = protocols.mean_table(runs.assign(rate=[0.025, 0.025, 0.01, 0.025, 0.01]),
+                                   ["rate", "method"]).set_index(["rate", "method"])
+    assert by_rate.loc[(0.025, "baseline"), "runs"] == 2
+    assert by_rate.loc[(0.025, "mesa beta=0.9"), "mean_%"] == 5
 
 
 def test_protocols_config_rejects_a_holdout_as_large_as_the_defenders_split():
