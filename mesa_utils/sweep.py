@@ -2,6 +2,7 @@
 
     python -m mesa_utils.sweep --profile paper --workers 4            # local Ray, 4 units at once
     python -m mesa_utils.sweep --profile paper --address auto --gpus-per-unit 0.25
+    python -m mesa_utils.sweep --profile quick --workers 2 --kind screen  # 08's screen units
     ./run_all.sh --profile smoke --workers 2                          # the same, from run_all.sh
 
 The driver first builds (or loads) the clean model, which every unit shares, then starts one
@@ -20,30 +21,33 @@ import traceback
 from .config import make_config
 from .store import write_json
 from .train import clean_model, progress, setup
-from .units import (add_run_arguments, config_from_arguments, pending_triggers, unit_folder,
-                    unit_path, unit_record)
+from .units import (KINDS, PIPELINE, add_run_arguments, config_from_arguments, pending_triggers,
+                    unit_folder, unit_path, unit_record)
 
 
-def _unit_task(profile: str, overrides: dict, trigger: int, threads: int) -> dict:
-    """One unit in a Ray worker process: its record (units.unit_record)."""
+def _unit_task(profile: str, overrides: dict, trigger: int, threads: int, kind: str) -> dict:
+    """One unit of the kind named `kind` in a Ray worker process: its record
+    (units.unit_record)."""
     import torch
     torch.set_num_threads(max(1, threads))
-    return unit_record(setup(make_config(profile, **overrides)), trigger)
+    return unit_record(setup(make_config(profile, **overrides)), trigger, KINDS[kind])
 
 
 def run_sweep(profile: str, overrides: dict | None = None, workers: int | None = None,
               address: str | None = None, cpus_per_unit: int = 1, gpus_per_unit: float = 0.0,
-              outputs: str | None = None, root=None) -> dict:
-    """Run every pending unit of the profile (with `overrides`) as Ray tasks. workers: the
+              outputs: str | None = None, root=None, kind=None) -> dict:
+    """Run every pending unit of the profile (with `overrides`; of `kind`, by default the
+    pipeline's units of 01-04, units.SCREEN for 08's screen) as Ray tasks. workers: the
     local Ray's CPUs (default all; ignored with `address`, which joins a running cluster,
     "auto" for the local one). gpus_per_unit may be fractional (several units per GPU).
     Returns {"folder", "done", "skipped", "failed": {trigger: error}}."""
     import ray
     overrides = dict(overrides or {})
+    kind = kind or PIPELINE
     cfg = make_config(profile, **overrides)
-    folder = unit_folder(cfg, outputs, root)
-    todo = pending_triggers(cfg, folder)
-    skipped = [t for t in cfg.triggers if t not in todo]
+    folder = unit_folder(cfg, outputs, root, kind)
+    todo = pending_triggers(cfg, folder, kind)
+    skipped = [t for t in kind.triggers(cfg) if t not in todo]
     result = {"folder": folder, "done": [], "skipped": skipped, "failed": {}}
     if not todo:
         return result
@@ -58,8 +62,8 @@ def run_sweep(profile: str, overrides: dict | None = None, workers: int | None =
     try:
         task = ray.remote(num_cpus=cpus_per_unit, num_gpus=gpus_per_unit,
                           max_retries=0)(_unit_task)
-        running = {task.remote(profile, overrides, t, cpus_per_unit): t for t in todo}
-        bar = progress(range(len(running)), f"units ({profile})")
+        running = {task.remote(profile, overrides, t, cpus_per_unit, kind.name): t for t in todo}
+        bar = progress(range(len(running)), f"{kind.name} units ({profile})")
         for _ in bar:
             ready, _ = ray.wait(list(running), num_returns=1)
             trigger = running.pop(ready[0])
@@ -95,7 +99,7 @@ def main(argv=None) -> int:
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers must be 1 or more, got {args.workers}")
     result = run_sweep(profile, overrides, args.workers, args.address, args.cpus_per_unit,
-                       args.gpus_per_unit, args.outputs)
+                       args.gpus_per_unit, args.outputs, kind=KINDS[args.kind])
     print(f"units in {result['folder']}: {len(result['done'])} run, "
           f"{len(result['skipped'])} already there, {len(result['failed'])} failed"
           + "".join(f"\n  trigger {t}: {e}" for t, e in result["failed"].items()))

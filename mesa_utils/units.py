@@ -178,13 +178,17 @@ def merge_units(cfg, folder: Path, kind=None) -> dict:
 # (no Ray needed: e.g. on a GPU machine with its own torch); sweep.py runs them as Ray tasks.
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of every way of running units: --profile, --overrides, --outputs."""
+    """The options of every way of running units: --profile, --overrides, --outputs, --kind."""
     parser.add_argument("--profile", default=None, help="smoke, quick or paper (default: "
                         "$MESA_PROFILE, else quick)")
     parser.add_argument("--overrides", default="{}", help="config overrides as JSON, e.g. "
                         "'{\"triggers\": [170, 15], \"mesa.steps\": 100}'")
     parser.add_argument("--outputs", default=None, help="folder under figures/ (default: the "
                         "profile's, or <profile>-<config hash> with overrides)")
+    parser.add_argument("--kind", choices=sorted(KINDS), default=PIPELINE.name,
+                        help="pipeline: everything of notebooks 01-04 per trigger of the profile "
+                             "(default); screen: the hard-trigger screen of notebook 08 over "
+                             "protocols.screen_triggers (all 51 by default)")
 
 
 def config_from_arguments(parser: argparse.ArgumentParser, args):
@@ -209,10 +213,6 @@ def main(argv=None) -> int:
                                      description="Run every per-trigger unit without a result "
                                                  "file, one after another in this process.")
     add_run_arguments(parser)
-    parser.add_argument("--kind", choices=sorted(KINDS), default=PIPELINE.name,
-                        help="pipeline: everything of notebooks 01-04 per trigger of the profile "
-                             "(default); screen: the hard-trigger screen of notebook 07 over "
-                             "protocols.screen_triggers (all 51 by default)")
     args = parser.parse_args(argv)
     _, _, cfg = config_from_arguments(parser, args)
     kind = KINDS[args.kind]

@@ -144,6 +144,13 @@ def test_screen_units_run_over_their_own_triggers_and_key_on_the_protocols(tmp_p
     row = merged["screen"].iloc[0]
     assert (row.method, row.start, row.rate) == ("baseline", 0, cfg.protocols.screen_rate)
     assert 0 <= row.holdout_asr <= 1 and 0 <= row.inverted_asr <= 1     # 0's inversion: 511
+    # as Ray tasks, into their own folder: the same rows
+    from mesa_utils.sweep import run_sweep
+    result = run_sweep("smoke", {**CPU, "protocols.screen_triggers": [0, 7]}, workers=2,
+                       outputs="ray", root=tmp_path, kind=SCREEN)
+    assert sorted(result["done"]) == [0, 7] and result["folder"].name == "screen"
+    pd.testing.assert_frame_equal(merge_units(cfg, result["folder"], SCREEN)["screen"],
+                                  merged["screen"])
     rows = screen_rows(setup(cfg), 7)                   # the same rows again, from the store
     pd.testing.assert_frame_equal(_frame(merged["screen"][merged["screen"].trigger == 7]),
                                   _frame(rows), check_dtype=False)
