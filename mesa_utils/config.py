@@ -224,7 +224,8 @@ def _smoke() -> Config:
 def _quick() -> Config:
     # Calibrated on a 2-core CPU (README, "Profiles"): a ResNet-18 of width 16; the attack shows
     # about the paper's number of poisoned images (~5,000) in one epoch, at 10x the paper's poison
-    # rate and 10x its learning rate (which of the two plants the backdoor is not yet separated).
+    # rate and 10x its learning rate: both are needed (07's attack map: at 10% poison, lr 1e-3
+    # plants 8%, 1e-2 99%; at 1-3% poison no lr of the map plants more than 4%).
     # Retraining pastes 3,200 triggers (paper: ~800): at 800 even
     # the ideal defence left 9.2% ASR on this stronger, shorter-trained backdoor; at 3,200, 4.4%.
     return Config(
