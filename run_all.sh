@@ -5,7 +5,7 @@
 #   ./run_all.sh                          notebooks 01-06 (the paper's pipeline), quick profile
 #   ./run_all.sh --profile smoke|quick|paper [papermill options, e.g. -p seed 1 -y 'triggers: [170]']
 #   ./run_all.sh --only 03,04             only these notebooks, run in numeric order; 07 (the
-#                                         claim under other protocols, 75 min in quick; 08 too) run only so
+#                                         claim under other protocols, ~2 h in quick; 08 too) run only so
 #   ./run_all.sh --test                   unit tests + every notebook under nbval (smoke profile)
 #   ./run_all.sh --profile paper --workers N [--address A] [sweep options, e.g. --gpus-per-unit 0.25]
 #                                         the per-trigger units as Ray tasks (mesa_utils/sweep.py):
