@@ -12,7 +12,8 @@
 #                                         N local workers, or a running cluster at A ('auto');
 #                                         results in figures/<profile>/units/, finished units skipped
 #   ./run_all.sh --prepare-device         copy what a GPU machine without internet needs (the CIFAR-10
-#                                         archive) into .device/ and print the one command to run there
+#                                         archive) into .device/ and print the one command to run
+#                                         there (the retraining benchmark, then the units)
 #   ./run_all.sh --refresh-notebooks [--only 07]
 #                                         notebooks 01-06 (or those named), quick profile, then
 #                                         their outputs into the committed notebooks, stamped with
@@ -54,7 +55,7 @@ while (($#)); do
                    ADDRESS=$2; SWEEP=1; shift 2 ;;
         --address=*) ADDRESS=${1#--address=}; SWEEP=1; shift ;;
         --prepare-device) PREPARE=1; shift ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) PASSTHROUGH+=("$1"); shift ;;
     esac
 done
@@ -89,7 +90,7 @@ if [[ $PREPARE == 1 ]]; then
     install -m 0644 "$archive" .device/cifar10-jpg.tar.gz
     [[ ! -f $archive.sha256 ]] || install -m 0644 "$archive.sha256" .device/cifar10-jpg.tar.gz.sha256
     echo "prepared .device/ ($(du -sh .device | cut -f1)): carry it (device tool: carry [\".device\"]) and run there, from the repository root:"
-    echo "  MESA_CIFAR10_ARCHIVE=.device/cifar10-jpg.tar.gz PYTHONUNBUFFERED=1 python3 -m mesa_utils.units --profile $PROFILE --outputs $PROFILE --overrides '{\"triggers\": [0, 1, 2], \"visualization.triggers\": []}' && tar czf \$OUT/units.tgz figures/$PROFILE/units"
+    echo "  PYTHONPATH=. python3 benchmarks/retrain_bank.py --profile $PROFILE | tee \$OUT/retrain_bank.txt && MESA_CIFAR10_ARCHIVE=.device/cifar10-jpg.tar.gz PYTHONUNBUFFERED=1 python3 -m mesa_utils.units --profile $PROFILE --outputs $PROFILE --overrides '{\"triggers\": [0, 1, 2], \"visualization.triggers\": []}' && tar czf \$OUT/units.tgz figures/$PROFILE/units"
     exit 0
 fi
 

@@ -20,9 +20,10 @@ from .analysis import method_label
 from .config import to_dict
 from .data import to_pixels
 from .mesa import staircase_bank
-from .models import frozen
+from .models import ResNetBank, frozen
 from .train import (Backdoor, Context, FiniteGuard, attack_success_rate, autocast,
-                    clean_accuracy, eval_asr_interval, fit, progress, state_dict_cpu)
+                    clean_accuracy, eval_asr_interval, fit, fit_bank, progress,
+                    state_dict_cpu)
 from .triggers import RandomPatchSource, TriggerPaster, apply_trigger, random_positions
 
 
@@ -201,33 +202,65 @@ def retrain(ctx: Context, backdoor: Backdoor, source, source_spec: dict, seed=0,
     holdout_asr and holdout_clean_accuracy measured on those (for choices made before the eval
     split is looked at, notebook 07).
     """
-    cfg = ctx.cfg
-    spec = {"stage": "defense", "parent": backdoor.key, "source": source_spec,
-            "train": to_dict(cfg.defense), "seed": seed}
-    if holdout:         # 0 keeps the keys made before holdouts existed
-        spec["holdout"] = holdout
-    images, labels = ctx.splits.defense_images, ctx.splits.defense_labels
+    return retrain_many(ctx, backdoor, [(source, source_spec, seed, desc)], holdout)[0]
 
-    def build():
-        model = backdoor.model(ctx)
-        history = fit(ctx, model, images[holdout:], labels[holdout:], cfg.defense, "defense",
-                      source=source, target=None, seed=seed, desc=desc)
-        record = {"history": history,
-                  "clean_accuracy": clean_accuracy(ctx, model, ctx.splits.eval_images,
-                                                   ctx.splits.eval_labels),
-                  "asr": attack_success_rate(ctx, model, ctx.splits.eval_images,
-                                             ctx.splits.eval_labels, backdoor.source(),
-                                             backdoor.target)}
-        if holdout:
-            record["holdout_clean_accuracy"] = clean_accuracy(ctx, model, images[:holdout],
-                                                              labels[:holdout])
-            record["holdout_asr"] = attack_success_rate(ctx, model, images[:holdout],
-                                                        labels[:holdout], backdoor.source(),
-                                                        backdoor.target)
-        if cfg.save_retrained:
-            record["state_dict"] = state_dict_cpu(model)
-        return record
-    return ctx.store.get_or_build("defense", spec, build)
+
+def retrain_many(ctx: Context, backdoor: Backdoor, runs: list, holdout: int = 0) -> list:
+    """`retrain` for each of `runs`, (source, source spec, seed, progress label) tuples: one
+    record each, cached one by one under retrain's keys. The runs not in the store train
+    cfg.retrain_bank at a time as one banked network (train.fit_bank; its members end as the
+    lone runs would, to float rounding); with retrain_bank = 1, one after another (fit)."""
+    cfg = ctx.cfg
+    images, labels = ctx.splits.defense_images[holdout:], ctx.splits.defense_labels[holdout:]
+    specs = []
+    for _, source_spec, seed, _ in runs:
+        spec = {"stage": "defense", "parent": backdoor.key, "source": source_spec,
+                "train": to_dict(cfg.defense), "seed": seed}
+        if holdout:         # 0 keeps the keys made before holdouts existed
+            spec["holdout"] = holdout
+        specs.append(spec)
+    records = [ctx.store.load("defense", spec) for spec in specs]
+    missing = [i for i, record in enumerate(records) if record is None]
+    for first in range(0, len(missing), cfg.retrain_bank):
+        chunk = missing[first:first + cfg.retrain_bank]
+        if len(chunk) == 1:
+            (i,) = chunk
+            models = [backdoor.model(ctx)]
+            histories = [fit(ctx, models[0], images, labels, cfg.defense, "defense",
+                             source=runs[i][0], target=None, seed=runs[i][2], desc=runs[i][3])]
+        else:
+            bank = ResNetBank([backdoor.model(ctx) for _ in chunk])
+            histories = fit_bank(ctx, bank, images, labels, cfg.defense, "defense",
+                                 [runs[i][0] for i in chunk], [runs[i][2] for i in chunk],
+                                 desc=f"retrain {len(chunk)} as one bank, trigger "
+                                      f"{backdoor.trigger}")
+            models = []
+            for member in range(len(chunk)):
+                model = backdoor.model(ctx)
+                model.load_state_dict(bank.member_state_dict(member))
+                models.append(model.eval())
+        for i, model, history in zip(chunk, models, histories):
+            records[i] = _retrained_record(ctx, backdoor, model, history, holdout)
+            ctx.store.put("defense", specs[i], records[i])
+    return records
+
+
+def _retrained_record(ctx: Context, backdoor: Backdoor, model, history, holdout: int) -> dict:
+    """retrain's record of a retrained `model`: its eval-split (and holdout) metrics."""
+    splits = ctx.splits
+    record = {"history": history,
+              "clean_accuracy": clean_accuracy(ctx, model, splits.eval_images,
+                                               splits.eval_labels),
+              "asr": attack_success_rate(ctx, model, splits.eval_images, splits.eval_labels,
+                                         backdoor.source(), backdoor.target)}
+    if holdout:
+        held_images, held_labels = splits.defense_images[:holdout], splits.defense_labels[:holdout]
+        record["holdout_clean_accuracy"] = clean_accuracy(ctx, model, held_images, held_labels)
+        record["holdout_asr"] = attack_success_rate(ctx, model, held_images, held_labels,
+                                                    backdoor.source(), backdoor.target)
+    if ctx.cfg.save_retrained:
+        record["state_dict"] = state_dict_cpu(model)
+    return record
 
 
 def baseline_triggers(ctx: Context, backdoor: Backdoor, hinge_beta=None) -> torch.Tensor:
@@ -354,14 +387,22 @@ def retrain_row(ctx: Context, backdoor: Backdoor, method: str, beta, start, sour
     interval of its after-defence ASR; with `holdout`, also its holdout_asr and
     holdout_clean_accuracy on the defender's held-out images."""
     record = retrain(ctx, backdoor, source, source_spec, seed,
-                     desc=f"retrain {method_label(method, beta)}, trigger {backdoor.trigger}, "
-                          f"seed {seed}", holdout=holdout)
+                     desc=_retrain_label(backdoor, method, beta, seed), holdout=holdout)
+    return _run_row(ctx, backdoor, method, beta, start, seed, record)
+
+
+def _retrain_label(backdoor: Backdoor, method: str, beta, seed: int) -> str:
+    return f"retrain {method_label(method, beta)}, trigger {backdoor.trigger}, seed {seed}"
+
+
+def _run_row(ctx: Context, backdoor: Backdoor, method: str, beta, start, seed: int,
+             record: dict) -> dict:
     low, high = eval_asr_interval(ctx, record["asr"])
     row = {"trigger": backdoor.trigger, "method": method, "beta": beta, "start": start,
            "seed": seed, "asr_before": backdoor.asr, "asr_after": record["asr"],
            "asr_after_low": low, "asr_after_high": high, "clean_before": backdoor.clean_accuracy,
            "clean_after": record["clean_accuracy"]}
-    if holdout:
+    if "holdout_asr" in record:
         row.update(holdout_asr=record["holdout_asr"],
                    holdout_clean_accuracy=record["holdout_clean_accuracy"])
     return row
@@ -369,9 +410,14 @@ def retrain_row(ctx: Context, backdoor: Backdoor, method: str, beta, start, sour
 
 def compare_defenses(ctx: Context, backdoor: Backdoor) -> list:
     """Every defence of 04_defense on one backdoored model (defense_sources), each retrained
-    alike from each of its retraining_seeds: tidy rows of before/after ASR and clean accuracy,
-    one per run (seed: the retraining's); asr_after_low/high is the 95% Wilson interval of
-    each run's after-defence ASR."""
-    return [retrain_row(ctx, backdoor, method, beta, start, source, spec, seed)
+    alike from each of its retraining_seeds (retrain_many: cfg.retrain_bank at a time): tidy
+    rows of before/after ASR and clean accuracy, one per run (seed: the retraining's);
+    asr_after_low/high is the 95% Wilson interval of each run's after-defence ASR."""
+    runs = [(method, beta, start, source, spec, seed)
             for method, beta, start, source, spec in defense_sources(ctx, backdoor)
             for seed in retraining_seeds(ctx.cfg, method)]
+    records = retrain_many(ctx, backdoor, [
+        (source, spec, seed, _retrain_label(backdoor, method, beta, seed))
+        for method, beta, start, source, spec, seed in runs])
+    return [_run_row(ctx, backdoor, method, beta, start, seed, record)
+            for (method, beta, start, _, _, seed), record in zip(runs, records)]

@@ -1,10 +1,12 @@
-"""Networks: the CIFAR ResNet-18 classifier, and banks of MESA generators and MINE networks.
+"""Networks: the CIFAR ResNet-18 classifier (and K of them as one bank, for retraining), and
+banks of MESA generators and MINE networks.
 
 A bank holds K independent small networks with stacked weights (K, in, out), so that one
 batched matrix multiply runs all K and one optimiser step trains all K: the K generators of a
 staircase (betas), of an alpha sweep or of the 10 classes of detection train as one module.
 Each member is initialised from its own seed exactly as a lone network with that seed would be.
 """
+import copy
 import math
 
 import torch
@@ -68,6 +70,87 @@ def frozen(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _grouped(module: nn.Module, members: list, k: int) -> nn.Module:
+    """`module` (one layer or container of members[0]'s architecture) rebuilt to run the k
+    `members` side by side on activations stacked along channels, (B, k * C, H, W): each
+    convolution grouped by member, each batch norm over all k * C channels (its statistics are
+    per channel, hence per member: each member normalises with its own images only)."""
+    if isinstance(module, nn.Conv2d):
+        conv = nn.Conv2d(module.in_channels * k, module.out_channels * k, module.kernel_size,
+                         module.stride, module.padding, module.dilation, module.groups * k,
+                         module.bias is not None, module.padding_mode,
+                         device=module.weight.device, dtype=module.weight.dtype)
+        conv.weight = nn.Parameter(torch.cat([m.weight.detach() for m in members]))
+        if module.bias is not None:
+            conv.bias = nn.Parameter(torch.cat([m.bias.detach() for m in members]))
+        return conv
+    if isinstance(module, nn.BatchNorm2d):
+        norm = nn.BatchNorm2d(module.num_features * k, module.eps, module.momentum,
+                              device=module.weight.device, dtype=module.weight.dtype)
+        with torch.no_grad():
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(norm, name).copy_(torch.cat([getattr(m, name) for m in members]))
+            norm.num_batches_tracked.copy_(module.num_batches_tracked)
+        return norm
+    if module._parameters or module._buffers:
+        raise TypeError(f"cannot bank a {type(module).__name__}: only Conv2d and BatchNorm2d "
+                        "layers hold weights in a bankable network")
+    clone = copy.copy(module)
+    clone.__dict__ = {**module.__dict__, "_modules": {
+        name: _grouped(child, [m._modules[name] for m in members], k)
+        for name, child in module._modules.items()}}
+    return clone
+
+
+class ResNetBank(nn.Module):
+    """K ResNet18 of one architecture as one network: pixels (K, B, 3, 32, 32) in [0, 1] ->
+    logits (K, B, num_classes), member k computing what models[k] computes on x[k].
+
+    The members' activations are stacked along channels, every convolution runs as one grouped
+    convolution (groups = K), every batch norm over K x its channels, the head as one batched
+    matrix multiply: one forward, backward and optimiser step train all K (SGD is elementwise,
+    so one optimiser over the bank is K optimisers). Only the summation order of the
+    convolutions differs from K separate models, so results agree to float rounding.
+    `member_state_dict(i)` gives member i back as a ResNet18's weights.
+    """
+
+    def __init__(self, models: list):
+        super().__init__()
+        first = models[0]
+        shapes = {name: t.shape for name, t in first.state_dict().items()}
+        for i, model in enumerate(models[1:], 1):
+            if {name: t.shape for name, t in model.state_dict().items()} != shapes:
+                raise ValueError(f"model {i} of the bank has another architecture than model 0 "
+                                 "(width, classes); a bank holds copies of one architecture")
+        self.k = len(models)
+        self.register_buffer("mean", first.mean.clone(), persistent=False)
+        self.register_buffer("std", first.std.clone(), persistent=False)
+        self.stem = _grouped(first.stem, [m.stem for m in models], self.k)
+        self.blocks = _grouped(first.blocks, [m.blocks for m in models], self.k)
+        self.head_weight = nn.Parameter(torch.stack([m.head.weight.detach() for m in models]))
+        self.head_bias = nn.Parameter(torch.stack([m.head.bias.detach() for m in models]))
+
+    def forward(self, x):
+        k, b = x.shape[:2]
+        x = ((x - self.mean) / self.std).transpose(0, 1).reshape(b, k * x.shape[2], *x.shape[3:])
+        # channels-last, as the loader's pixels and the models' weights (Context.new_classifier)
+        x = x.contiguous(memory_format=torch.channels_last)
+        features = F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).view(b, k, -1)
+        return torch.baddbmm(self.head_bias.unsqueeze(1), features.transpose(0, 1),
+                             self.head_weight.transpose(1, 2))
+
+    def member_state_dict(self, i: int) -> dict:
+        """Member i's weights and batch-norm statistics, named as ResNet18's state_dict."""
+        state = {"head.weight": self.head_weight[i].detach().clone(),
+                 "head.bias": self.head_bias[i].detach().clone()}
+        for name, t in self.state_dict().items():
+            if name.endswith("num_batches_tracked"):
+                state[name] = t.clone()
+            elif not name.startswith("head_"):
+                state[name] = t.chunk(self.k)[i].clone()
+        return state
 
 
 # ---------------------------------------------------------------------------------------------

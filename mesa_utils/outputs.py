@@ -12,7 +12,6 @@ the code's commit and the time. Hence:
 - files of an earlier run that this run does not make stay in place; NN_run.json lists the
   files this run made.
 """
-import dataclasses
 import datetime
 import functools
 import os
@@ -21,7 +20,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .config import make_config, to_dict
+from .config import HOW_FIELDS, make_config, results_dict, to_dict
 from .store import REPO_ROOT, atomic_write, spec_key, write_json
 
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -38,11 +37,11 @@ def _flat(tree: dict, prefix="") -> dict:
 
 
 def overridden_fields(cfg) -> dict:
-    """{dotted field: value} where `cfg` differs from its profile (the device aside: it
-    decides where a run computes, not what it computes)."""
+    """{dotted field: value} where `cfg` differs from its profile (config.HOW_FIELDS aside:
+    they decide where and how a run computes, not what it computes)."""
     profile = _flat(to_dict(make_config(cfg.profile)))
     return {name: value for name, value in _flat(to_dict(cfg)).items()
-            if name != "device" and profile[name] != value}
+            if name not in HOW_FIELDS and profile[name] != value}
 
 
 def output_folder(cfg, folder: str | None = None) -> str:
@@ -51,7 +50,7 @@ def output_folder(cfg, folder: str | None = None) -> str:
     if folder is None:
         if not overridden_fields(cfg):
             return cfg.profile
-        return f"{cfg.profile}-{spec_key(to_dict(dataclasses.replace(cfg, device='auto')))[:8]}"
+        return f"{cfg.profile}-{spec_key(results_dict(cfg))[:8]}"
     if not _FOLDER_NAME.fullmatch(folder):
         raise ValueError(f"output folder {folder!r} must be a plain name of letters, digits, "
                          "'.', '_' and '-' (it is created under figures/)")

@@ -173,10 +173,15 @@ class Store:
         payload = self.load(kind, spec)
         if payload is None:
             payload = build()
-            try:
-                self.save(kind, spec, payload)
-            except OSError as err:
-                warnings.warn(f"{kind} was built but NOT cached ({err}): this run uses it, a "
-                              f"later run builds it again. Check that {self.root} is writable "
-                              "and has space (or set MESA_STORE).", stacklevel=2)
+            self.put(kind, spec, payload)
         return payload
+
+    def put(self, kind: str, spec: dict, payload) -> None:
+        """save, but a failure to write (read-only or full disk) is a warning: the caller
+        still has the payload, a later run builds it again."""
+        try:
+            self.save(kind, spec, payload)
+        except OSError as err:
+            warnings.warn(f"{kind} was built but NOT cached ({err}): this run uses it, a "
+                          f"later run builds it again. Check that {self.root} is writable "
+                          "and has space (or set MESA_STORE).", stacklevel=3)

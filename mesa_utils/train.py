@@ -1,7 +1,7 @@
 """Training and metrics: the clean model, the backdoor attack, clean accuracy and ASR.
 
 One SGD loop (`fit`) serves clean training, the attack (poison + relabel) and the defence
-(poison, true labels). `Context` bundles what every stage needs: config, data on the device,
+(poison, true labels); `fit_bank` runs it for K models at once (the defence's retrainings). `Context` bundles what every stage needs: config, data on the device,
 device, autocast dtype and the artefact store. bf16 autocast is used where the hardware has
 native bf16 (CUDA, or CPUs with AVX512-BF16/AMX): on a CPU without it bf16 was 2.8x *slower*
 than fp32 for ResNet-18 (measured on the 2-core Xeon of the README), so "auto" leaves it off.
@@ -19,16 +19,16 @@ from tqdm.auto import tqdm
 from .config import Config, TrainConfig, to_dict
 from .data import STATS, Loader, Splits, prepare_splits, to_pixels
 from .intervals import wilson_interval
-from .models import ResNet18
+from .models import ResNet18, ResNetBank
 from .store import REPO_ROOT, NonFiniteError, Store, spec_key
 from .triggers import BlendedTrigger, TriggerPaster, blend_pattern, poison, trigger_pattern
 
 
-def progress(iterable, desc: str):
+def progress(iterable, desc: str, total=None):
     """A transient tqdm bar over `iterable` (widgets in Jupyter), off when $TQDM_DISABLE is 1 or
     true: tqdm.notebook overrides that variable with its own default, so it is read here."""
     disable = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
-    return tqdm(iterable, desc=desc, leave=False, disable=disable)
+    return tqdm(iterable, desc=desc, total=total, leave=False, disable=disable)
 
 
 def get_device(name: str = "auto") -> torch.device:
@@ -155,47 +155,83 @@ def fit(ctx: Context, model, images, labels, cfg: TrainConfig, setting: str, sou
     "defense"), named when training diverges (NonFiniteError). Returns per-epoch dicts of
     loss, accuracy, poisoned; counters stay on the device until the end of each epoch.
     """
-    loader = Loader(images, labels, cfg.batch_size, shuffle=True, augment=cfg.augment,
-                    drop_last=len(images) > cfg.batch_size, seed=seed)
-    poison_generator = torch.Generator(ctx.device).manual_seed(seed + 1)
+    return _fit(ctx, model, images, labels, cfg, setting, [source], [seed], target, desc,
+                banked=False)[0]
+
+
+def fit_bank(ctx: Context, bank: ResNetBank, images, labels, cfg: TrainConfig, setting: str,
+             sources: list, seeds: list, target=None, desc="train") -> list:
+    """`fit` of the K members of `bank` in one pass: member k sees exactly the batches and the
+    pasted triggers that fit(member k, source=sources[k], seed=seeds[k]) would, and ends with
+    its weights to float rounding (models.ResNetBank). Returns one history per member."""
+    if not len(sources) == len(seeds) == bank.k:
+        raise ValueError(f"a bank of {bank.k} models needs {bank.k} sources and seeds, got "
+                         f"{len(sources)} and {len(seeds)}")
+    return _fit(ctx, bank, images, labels, cfg, setting, sources, seeds, target, desc,
+                banked=True)
+
+
+def _fit(ctx, model, images, labels, cfg, setting, sources, seeds, target, desc, banked):
+    """The SGD loop of fit and fit_bank: one batch stream and poison generator per seed; with
+    `banked`, the members' batches stacked (K, B, ...) for the bank, else the one model's."""
+    loaders = [Loader(images, labels, cfg.batch_size, shuffle=True, augment=cfg.augment,
+                      drop_last=len(images) > cfg.batch_size, seed=seed) for seed in seeds]
+    poison_generators = [torch.Generator(ctx.device).manual_seed(seed + 1) for seed in seeds]
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
-    total = cfg.epochs * len(loader)
+    total = cfg.epochs * len(loaders[0])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, functools.partial(_lr_factor, cfg.schedule, total=total))
     guard = FiniteGuard(desc, total, f"Lower {setting}.lr (now {cfg.lr:g}).", ctx.device)
-    history, step = [], 0
+    histories, step = [[] for _ in seeds], 0
     model.train()
     for epoch in range(cfg.epochs):
-        loss_sum, correct, poisoned = (torch.zeros((), device=ctx.device) for _ in range(3))
+        loss_sum, correct, poisoned = (torch.zeros(len(seeds), device=ctx.device)
+                                       for _ in range(3))
         seen = 0
-        bar = progress(loader, f"{desc} {epoch + 1}/{cfg.epochs}")
-        for x, y in bar:
-            if source is not None and cfg.poison_rate > 0:
-                x, y, mask = poison(x, y, source, cfg.poison_rate, target, poison_generator)
-                poisoned += mask.sum()
+        bar = progress(zip(*loaders), f"{desc} {epoch + 1}/{cfg.epochs}", total=len(loaders[0]))
+        for batches in bar:
+            xs, ys = [], []
+            for i, (x, y) in enumerate(batches):
+                if sources[i] is not None and cfg.poison_rate > 0:
+                    x, y, mask = poison(x, y, sources[i], cfg.poison_rate, target,
+                                        poison_generators[i])
+                    poisoned[i] += mask.sum()
+                xs.append(x)
+                ys.append(y)
+            x, y = (torch.stack(xs), torch.stack(ys)) if banked else (xs[0], ys[0])
             with autocast(ctx.device, ctx.amp):
                 logits = model(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                if banked:
+                    # each member's mean loss, summed: each member's gradient is its own
+                    member_losses = F.cross_entropy(
+                        logits.flatten(0, 1), y.flatten(), reduction="none",
+                        label_smoothing=cfg.label_smoothing).view(len(seeds), -1).mean(1)
+                    loss = member_losses.sum()
+                else:
+                    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                    member_losses = loss.view(1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             guard.watch(step, loss)
-            loss_sum += loss.detach().float() * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
+            loss_sum += member_losses.detach().float() * y.shape[-1]
+            correct += (logits.argmax(-1) == y).sum(-1)
+            seen += y.shape[-1]
             step += 1
             if step % CHECK_EVERY == 0:
-                bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}")
-        history.append({"epoch": epoch + 1, "loss": float(loss_sum) / seen,
-                        "train_accuracy": float(correct) / seen, "poisoned": int(poisoned)})
+                bar.set_postfix(loss=f"{float(loss_sum.sum()) / seen:.3f}")
+        for i, history in enumerate(histories):
+            history.append({"epoch": epoch + 1, "loss": float(loss_sum[i]) / seen,
+                            "train_accuracy": float(correct[i]) / seen,
+                            "poisoned": int(poisoned[i])})
     model.eval()
     with torch.no_grad(), autocast(ctx.device, ctx.amp):
         # Weights can stay finite yet so large that the outputs overflow: check both.
         last_outputs = model(x).float()
     guard.finish([*model.state_dict().items(), ("the outputs on the last batch", last_outputs)])
-    return history
+    return histories
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from typing import Callable
 import pandas as pd
 
 from .config import (BlendedConfig, ProtocolsConfig, SampDetoxConfig, StudyConfig,
-                     VisualizationConfig, make_config, to_dict)
+                     VisualizationConfig, make_config, results_dict, to_dict)
 from .defense import compare_defenses, neural_cleanse_row
 from .mesa import detect_target, staircase_bank
 from .outputs import code_version, output_folder
@@ -41,18 +41,18 @@ TABLES = ("attack", "detection", "staircase", "defense_runs", "neural_cleanse")
 
 
 def config_key(cfg, kind=None) -> str:
-    """The hash of everything a unit's rows depend on: the config less the device (where a
-    run computes, not what), the trigger lists (a unit is one trigger) and the sections of
+    """The hash of everything a unit's rows depend on: the config less config.HOW_FIELDS
+    (where and how a run computes, not what), the trigger lists (a unit is one trigger) and the sections of
     notebooks 03, 05 and 06 (study, visualization, blended, sampdetox), which no unit uses;
     the protocols section (notebook 07) counts only for kind SCREEN. Units of one profile run
     in several batches of triggers therefore merge."""
     kind = kind or PIPELINE
     protocols = (dataclasses.replace(cfg.protocols, screen_triggers=())
                  if kind.uses_protocols else ProtocolsConfig())
-    neutral = dataclasses.replace(cfg, device="auto", triggers=(0,), study=StudyConfig(),
+    neutral = dataclasses.replace(cfg, triggers=(0,), study=StudyConfig(),
                                   visualization=VisualizationConfig(), blended=BlendedConfig(),
                                   sampdetox=SampDetoxConfig(), protocols=protocols)
-    return spec_key(to_dict(neutral))
+    return spec_key(results_dict(neutral))
 
 
 def unit_folder(cfg, outputs: str | None = None, root=None, kind=None) -> Path:

@@ -157,10 +157,10 @@ def test_every_method_but_the_baseline_is_retrained_from_each_seed(toy_ctx, monk
     monkeypatch.setattr(defense, "defense_sources", lambda ctx, backdoor: sources)
     trained = []
 
-    def fake_retrain(ctx, backdoor, source, spec, seed, desc="", holdout=0):
-        trained.append((str(spec), seed))
-        return {"asr": 0.05 + seed / 100, "clean_accuracy": 0.8}
-    monkeypatch.setattr(defense, "retrain", fake_retrain)
+    def fake_retrain_many(ctx, backdoor, runs, holdout=0):
+        trained.extend((str(spec), seed) for _, spec, seed, _ in runs)
+        return [{"asr": 0.05 + seed / 100, "clean_accuracy": 0.8} for _, _, seed, _ in runs]
+    monkeypatch.setattr(defense, "retrain_many", fake_retrain_many)
     backdoor = SimpleNamespace(trigger=170, target=0, asr=0.99, clean_accuracy=0.8)
     rows = defense.compare_defenses(ctx, backdoor)
     runs = [(r["method"], r["start"], r["seed"]) for r in rows]

@@ -83,9 +83,10 @@ def test_bank_key_changes_with_every_training_field_and_member_but_not_detection
 def test_defense_key_changes_with_every_retraining_hyperparameter(toy_ctx, monkeypatch):
     seen = []
 
-    def record_key(self, kind, spec, build):
+    def record_key(self, kind, spec):       # as if stored: nothing is trained
         seen.append(spec_key(spec))
-    monkeypatch.setattr(Store, "get_or_build", record_key)
+        return {}
+    monkeypatch.setattr(Store, "load", record_key)
     backdoor = Backdoor(170, 0, "parent", {})
     retrain(toy_ctx, backdoor, None, {"kind": "x"})
     for name, defense in _variants(toy_ctx.cfg.defense):
