@@ -1,8 +1,9 @@
 """Training and metrics: the clean model, the backdoor attack, clean accuracy and ASR.
 
 One SGD loop (`fit`) serves clean training, the attack (poison + relabel) and the defence
-(poison, true labels); `fit_bank` runs it for K models at once (the defence's retrainings). `Context` bundles what every stage needs: config, data on the device,
-device, autocast dtype and the artefact store. bf16 autocast is used where the hardware has
+(poison, true labels); `fit_bank` runs it for K models at once (the defence's retrainings).
+`Context` bundles what every stage needs: config, data on the device, device, autocast dtype and
+the artefact store. bf16 autocast is used where the hardware has
 native bf16 (CUDA, or CPUs with AVX512-BF16/AMX): on a CPU without it bf16 was 2.8x *slower*
 than fp32 for ResNet-18 (measured on the 2-core Xeon of the README), so "auto" leaves it off.
 """

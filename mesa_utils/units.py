@@ -42,9 +42,9 @@ TABLES = ("attack", "detection", "staircase", "defense_runs", "neural_cleanse")
 
 def config_key(cfg, kind=None) -> str:
     """The hash of everything a unit's rows depend on: the config less config.HOW_FIELDS
-    (where and how a run computes, not what), the trigger lists (a unit is one trigger) and the sections of
-    notebooks 03, 05 and 06 (study, visualization, blended, sampdetox), which no unit uses;
-    the protocols section (notebook 07) counts only for kind SCREEN. Units of one profile run
+    (where and how a run computes, not what), the trigger lists (a unit is one trigger) and
+    the sections of notebooks 03, 05 and 06 (study, visualization, blended, sampdetox), which
+    no unit uses; the protocols section (notebook 07) counts only for kind SCREEN. Units of one profile run
     in several batches of triggers therefore merge."""
     kind = kind or PIPELINE
     protocols = (dataclasses.replace(cfg.protocols, screen_triggers=())

@@ -49,6 +49,11 @@ def test_a_bank_computes_each_member_on_its_own_slice():
 def test_a_bank_refuses_models_of_different_architectures():
     with pytest.raises(ValueError, match="model 1 of the bank has another architecture"):
         ResNetBank([resnet(width=4), resnet(width=8)])
+    odd = [resnet(), resnet()]
+    for model in odd:                    # a layer the bank cannot group by member
+        model.blocks[0].shortcut = torch.nn.Linear(4, 4)
+    with pytest.raises(TypeError, match="cannot bank a Linear: only Conv2d and BatchNorm2d"):
+        ResNetBank(odd)
 
 
 @pytest.fixture
