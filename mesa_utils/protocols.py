@@ -240,17 +240,34 @@ def screen_triggers(cfg) -> tuple:
     return cfg.protocols.screen_triggers or BW_TRIGGER_IDS
 
 
-def screen_rows(ctx: Context, trigger: int) -> list:
-    """The screen of one trigger: its attack (01's, cached), the baseline's first
-    protocols.screen_starts starts each retrained at protocols.screen_rate on the defender's
-    split less its holdout (retrain_row rows: holdout_asr ranks the triggers, the eval split
-    only reports), each with the reversed trigger's ASR on the held-out images and its L2
+def repeat_triggers(cfg) -> tuple:
+    """The triggers the retraining replicate of the screen covers: every third of
+    screen_triggers in id order (17 of the 51); a short screen (12 or fewer, as smoke's) whole.
+    Fixed by id, not by any screen's result, so that the replicate measures the noise of the
+    whole ranking, not of its extremes."""
+    triggers = screen_triggers(cfg)
+    return triggers[::3] if len(triggers) > 12 else triggers
+
+
+def screen_rows(ctx: Context, trigger: int, attack_seed: int = 0, repeat: int = 0) -> list:
+    """The screen of one trigger: its attack (01's, cached; attack_seed k > 0: a sibling,
+    the same attack with other batches and poisoned images), the baseline's protocols.
+    screen_starts starts from start repeat x screen_starts on (repeat 0: the first), each
+    retrained at protocols.screen_rate from seed cfg.seed + repeat on the defender's split
+    less its holdout (retrain_row rows: holdout_asr ranks the triggers, the eval split only
+    reports), each with the reversed trigger's ASR on the held-out images and its L2
     distance to the original, and the backdoor's breadth over its symmetry class and random
     3x3 patches (eval split, before any defence): inverted_asr (-1 for a trigger whose
     inversion is a rotation or flip of it), symmetry_max_asr, random_patch_asr."""
     check_holdout(ctx.cfg)
     pcfg, holdout = ctx.cfg.protocols, ctx.cfg.protocols.holdout
-    backdoor = backdoored_model(ctx, trigger)
+    first = repeat * pcfg.screen_starts
+    if repeat < 0 or first + pcfg.screen_starts > ctx.cfg.baseline.starts:
+        raise ValueError(f"a screen's repeat {repeat} needs baseline starts {first} to "
+                         f"{first + pcfg.screen_starts - 1}, but baseline.starts is "
+                         f"{ctx.cfg.baseline.starts}: raise baseline.starts or lower "
+                         "protocols.screen_starts")
+    backdoor = backdoored_model(ctx, trigger, attack_seed)
     breadth = pd.DataFrame(breadth_rows(ctx, backdoor, others=False))
     relatives = breadth[~breadth.probe.isin(["original", "random 3x3"])]
     inverted = breadth[breadth.probe == "inverted"].asr
@@ -258,15 +275,16 @@ def screen_rows(ctx: Context, trigger: int) -> list:
     model, original = backdoor.model(ctx), trigger_from_id(trigger)
     held_images = ctx.splits.defense_images[:holdout]
     held_labels = ctx.splits.defense_labels[:holdout]
+    reversed_triggers = baseline_triggers(ctx, backdoor)
     rows = []
-    for start, reversed_trigger in enumerate(baseline_triggers(ctx, backdoor)[:pcfg.screen_starts]):
-        source, spec = patch_source(ctx, reversed_trigger)
-        row = retrain_row(at_rate, backdoor, "baseline", None, start, source, spec, ctx.cfg.seed,
-                          holdout)
+    for start in range(first, first + pcfg.screen_starts):
+        source, spec = patch_source(ctx, reversed_triggers[start])
+        row = retrain_row(at_rate, backdoor, "baseline", None, start, source, spec,
+                          ctx.cfg.seed + repeat, holdout)
         rows.append({**row, "rate": pcfg.screen_rate,
                      "reversed_asr": attack_success_rate(ctx, model, held_images, held_labels,
                                                          source, backdoor.target),
-                     "l2_to_trigger": float((reversed_trigger - original).norm()),
+                     "l2_to_trigger": float((reversed_triggers[start] - original).norm()),
                      "inverted_asr": float(inverted.iloc[0]) if len(inverted) else -1.0,
                      "symmetry_max_asr": float(relatives.asr.max()) if len(relatives) else -1.0,
                      "random_patch_asr": float(breadth[breadth.probe == "random 3x3"].asr.iloc[0])})

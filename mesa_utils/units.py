@@ -33,7 +33,7 @@ from .config import (BlendedConfig, ProtocolsConfig, SampDetoxConfig, StudyConfi
 from .defense import compare_defenses, neural_cleanse_row
 from .mesa import detect_target, staircase_bank
 from .outputs import code_version, output_folder
-from .protocols import screen_rows, screen_triggers
+from .protocols import repeat_triggers, screen_rows, screen_triggers
 from .store import REPO_ROOT, spec_key, write_json
 from .train import attack_table, backdoored_model, clean_model, progress, setup
 
@@ -52,7 +52,10 @@ def config_key(cfg, kind=None) -> str:
     neutral = dataclasses.replace(cfg, triggers=(0,), study=StudyConfig(),
                                   visualization=VisualizationConfig(), blended=BlendedConfig(),
                                   sampdetox=SampDetoxConfig(), protocols=protocols)
-    return spec_key(results_dict(neutral))
+    tree = results_dict(neutral)
+    if kind.own_key:    # a kind that computes other rows from the same config
+        tree["unit_kind"] = kind.name
+    return spec_key(tree)
 
 
 def unit_folder(cfg, outputs: str | None = None, root=None, kind=None) -> Path:
@@ -81,13 +84,16 @@ def unit_tables(ctx, trigger: int) -> dict:
 @dataclass(frozen=True)
 class UnitKind:
     """What a kind of unit computes for one trigger: `tables(ctx, trigger)` -> {table: rows},
-    over the triggers `triggers(cfg)`, written into figures/<outputs>/<folder>/."""
+    over the triggers `triggers(cfg)`, written into figures/<outputs>/<folder>/. own_key: its
+    name enters the config key, for a kind whose rows differ from another kind's under the
+    same config (so that a file copied from one kind's folder into the other's is refused)."""
     name: str
     folder: str
     table_names: tuple
     tables: Callable
     triggers: Callable
     uses_protocols: bool = False
+    own_key: bool = False
 
 
 PIPELINE = UnitKind("pipeline", "units", TABLES, unit_tables, lambda cfg: cfg.triggers)
@@ -95,7 +101,51 @@ PIPELINE = UnitKind("pipeline", "units", TABLES, unit_tables, lambda cfg: cfg.tr
 SCREEN = UnitKind("screen", "screen", ("screen",),
                   lambda ctx, trigger: {"screen": screen_rows(ctx, trigger)}, screen_triggers,
                   uses_protocols=True)
-KINDS = {kind.name: kind for kind in (PIPELINE, SCREEN)}
+# Its replicates (notebook 08: is a trigger's hardness its pattern's, its model's, or noise?):
+# the same screen on sibling backdoors (protocols.sibling_seed: another attack seed, the same
+# clean model), and the original backdoors retrained once more (the next baseline start, the
+# next retraining seed) on repeat_triggers.
+SCREEN_SIBLING = UnitKind(
+    "screen-sibling", "screen-sibling", ("screen",),
+    lambda ctx, trigger: {"screen": screen_rows(ctx, trigger,
+                                                attack_seed=ctx.cfg.protocols.sibling_seed)},
+    screen_triggers, uses_protocols=True, own_key=True)
+SCREEN_REPEAT = UnitKind("screen-repeat", "screen-repeat", ("screen",),
+                         lambda ctx, trigger: {"screen": screen_rows(ctx, trigger, repeat=1)},
+                         repeat_triggers, uses_protocols=True, own_key=True)
+KINDS = {kind.name: kind for kind in (PIPELINE, SCREEN, SCREEN_SIBLING, SCREEN_REPEAT)}
+
+
+def other_model_config(cfg):
+    """cfg with another clean model and target (seed + 1, target + 1 modulo the 10 classes):
+    the screen's replicate on another model, run as kind SCREEN."""
+    return dataclasses.replace(cfg, seed=cfg.seed + 1, target=(cfg.target + 1) % 10)
+
+
+@dataclass(frozen=True)
+class Screen:
+    """One screen of notebook 08: its name, what it changes against the original, and where
+    its units are (cfg, kind, outputs folder as units.run_units and merge_units take them)."""
+    name: str
+    changes: str
+    cfg: object
+    kind: UnitKind
+    outputs: str
+
+
+def screens(cfg, outputs: str | None = None) -> list:
+    """The original hard-trigger screen of `cfg` and its three replicates, as Screen values.
+    The other model's units go to figures/<outputs>-seed<s>-target<t>/screen/ (another config,
+    so another folder); the others beside the original's in figures/<outputs>/."""
+    base = output_folder(cfg, outputs)
+    other = other_model_config(cfg)
+    return [Screen("original", "none", cfg, SCREEN, base),
+            Screen("retraining", "the next baseline start and retraining seed, same models "
+                   "(every third trigger)", cfg, SCREEN_REPEAT, base),
+            Screen("attack seed", f"attack seed {cfg.protocols.sibling_seed}, same clean model "
+                   "and target", cfg, SCREEN_SIBLING, base),
+            Screen("model and target", f"clean model seed {other.seed}, target {other.target}",
+                   other, SCREEN, f"{base}-seed{other.seed}-target{other.target}")]
 
 
 def read_unit(path: Path, cfg, kind=None) -> dict | None:
@@ -188,7 +238,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kind", choices=sorted(KINDS), default=PIPELINE.name,
                         help="pipeline: everything of notebooks 01-04 per trigger of the profile "
                              "(default); screen: the hard-trigger screen of notebook 08 over "
-                             "protocols.screen_triggers (all 51 by default)")
+                             "protocols.screen_triggers (all 51 by default); screen-sibling and "
+                             "screen-repeat: two of its replicates (notebook 08; the third is "
+                             "kind screen with the overrides of units.other_model_config)")
 
 
 def config_from_arguments(parser: argparse.ArgumentParser, args):
