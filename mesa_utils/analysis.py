@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pandas as pd
 import torch
+from scipy.stats import rankdata
 
 from .intervals import bootstrap_interval
 
@@ -285,6 +286,91 @@ def summarize(df):
                          "clean_change_pts": 100 * (part.clean_after - part.clean_before).mean(),
                          "paper": PAPER_RESULTS.get(label, "")})
     return pd.DataFrame(rows).round(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The hard-trigger screen's replication (08): does a second screen rank the triggers alike?
+
+TOP_SHARE = 10 / 51     # "the top 10" of the 51 triggers, scaled to a screen of fewer
+
+
+def spearman_rho(x, y) -> np.ndarray:
+    """Spearman's rho of x and y (..., n) along the last axis (ties at their mean rank);
+    nan where one of them is constant."""
+    rx, ry = rankdata(x, axis=-1), rankdata(y, axis=-1)
+    rx, ry = rx - rx.mean(-1, keepdims=True), ry - ry.mean(-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (rx * ry).sum(-1) / np.sqrt((rx * rx).sum(-1) * (ry * ry).sum(-1))
+
+
+def top_triggers(values: pd.Series, k: int) -> set:
+    """The k triggers (index) of largest value, ties broken by the lower trigger id."""
+    table = pd.DataFrame({"trigger": values.index, "value": values.to_numpy()})
+    return set(table.sort_values(["value", "trigger"], ascending=[False, True]).trigger[:k])
+
+
+def overlap_p_value(overlap: int, k: int, n: int) -> float:
+    """P(at least `overlap` of one random k-subset of n lie in another k-subset): how often
+    two unrelated rankings share that many of their top k (hypergeometric tail)."""
+    return sum(math.comb(k, x) * math.comb(n - k, k - x) for x in range(overlap, k + 1)) \
+        / math.comb(n, k)
+
+
+def screen_agreement(first: pd.Series, second: pd.Series, resamples: int = 10_000,
+                     seed: int = 0) -> dict:
+    """How two screens agree on the triggers both hold. first, second: one value per trigger
+    (index: trigger id; e.g. the held-out ASR after one retraining, in [0, 1]). Returns
+    triggers (n, at least 4), rho (Spearman) with its 95% percentile bootstrap interval over
+    triggers (rho_low, rho_high), top_k (round(TOP_SHARE x n): 10 of 51), top_overlap (how
+    many of first's top_k are in second's), chance_overlap (top_k^2 / n, its mean for
+    unrelated rankings) and top_overlap_p (overlap_p_value: the chance of at least as many
+    for unrelated rankings)."""
+    both = pd.concat({"first": first, "second": second}, axis=1, join="inner").dropna()
+    n = len(both)
+    if n < 4 or not np.isfinite(both.to_numpy()).all():
+        raise ValueError(f"two screens need at least 4 shared triggers with finite values to "
+                         f"compare, got {n}")
+    x, y = both["first"].to_numpy(), both["second"].to_numpy()
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n, (resamples, n))
+    rhos = spearman_rho(x[draws], y[draws])
+    k = max(1, round(TOP_SHARE * n))
+    overlap = len(top_triggers(both["first"], k) & top_triggers(both["second"], k))
+    return {"triggers": n, "rho": float(spearman_rho(x, y)),
+            "rho_low": float(np.nanquantile(rhos, 0.025)),
+            "rho_high": float(np.nanquantile(rhos, 0.975)),
+            "top_k": k, "top_overlap": overlap, "chance_overlap": k * k / n,
+            "top_overlap_p": overlap_p_value(overlap, k, n)}
+
+
+# What each replicate of the screen holds fixed: a ranking that a replicate reproduces
+# belongs to what that replicate shares with the original screen.
+REPLICATES = ("retraining", "attack seed", "model and target")
+
+
+def hardness_verdict(agreement: pd.DataFrame) -> dict:
+    """Which of noise, backdoored model, clean model or pattern the original screen's ranking
+    follows, from screen_agreement rows (column `screen`: each of REPLICATES, against the
+    original). A replicate reproduces the ranking when its rho's 95% interval lies above 0,
+    and its top when top_overlap_p < 0.05. follows: "noise" when the retraining replicate does
+    not reproduce it (one retraining ranks its own draw); "backdoored model" when that one does
+    but the attack-seed one does not; "clean model and target" when both do but the other
+    model does not; "pattern" when all three do. Returns {follows, reproduced, top_reproduced}
+    ({screen: bool}); follows is "undetermined" when a replicate is missing."""
+    rows = agreement.set_index("screen")
+    reproduced = {s: bool(rows.loc[s, "rho_low"] > 0) for s in REPLICATES if s in rows.index}
+    top = {s: bool(rows.loc[s, "top_overlap_p"] < 0.05) for s in REPLICATES if s in rows.index}
+    if len(reproduced) < len(REPLICATES):
+        follows = "undetermined"
+    elif not reproduced["retraining"]:
+        follows = "noise"
+    elif not reproduced["attack seed"]:
+        follows = "backdoored model"
+    elif not reproduced["model and target"]:
+        follows = "clean model and target"
+    else:
+        follows = "pattern"
+    return {"follows": follows, "reproduced": reproduced, "top_reproduced": top}
 
 
 # ---------------------------------------------------------------------------------------------
