@@ -3,9 +3,10 @@
 The profile's UNet (random weights: speed does not depend on them) on whatever device torch
 finds. Prints, for each precision, seconds per training step and images purified per second
 (one reverse step is one UNet pass; an image costs t1 + t2 of them), then, last,
-`bf16 speedup: train <ratio>, purify <ratio>`.
+`bf16 speedup: train <ratio>, purify <ratio>`. --smoke: the smoke profile's UNet, 1 step over
+8 images (seconds on a CPU), to prove the script runs.
 
-    python benchmarks/diffusion_unet.py [--profile quick] [--steps 4] [--images 250]
+    python benchmarks/diffusion_unet.py [--profile quick] [--steps 4] [--images 250] [--smoke]
 """
 import argparse
 import time
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 from mesa_utils.config import make_config
 from mesa_utils.sampdetox import new_unet
 from mesa_utils.train import autocast, get_device
+
+SMOKE = dict(profile="smoke", steps=1, images=8)
 
 
 def seconds_per(fn, repeats):
@@ -31,7 +34,10 @@ def main():
     parser.add_argument("--profile", default="quick")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--images", type=int, default=250)
+    parser.add_argument("--smoke", action="store_true", help=f"tiny sizes: {SMOKE}")
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
     scfg = make_config(args.profile).sampdetox
     device = get_device("auto")
     torch.manual_seed(0)

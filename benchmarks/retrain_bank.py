@@ -5,9 +5,10 @@ The profile's ResNet-18 and retraining recipe (random weights and images: speed 
 on them; a 3x3 trigger pasted at the profile's rate), on whatever device torch finds. Prints
 the seconds per retraining step of each path, the time one unit's retrainings would take at
 that pace, on a GPU the achieved TFLOP/s against the device's bf16 peak, and, last,
-`speedup <ratio>`.
+`speedup <ratio>`. --smoke: the smoke profile, K = 2, 2 steps (seconds on a CPU), to prove the
+script runs.
 
-    python benchmarks/retrain_bank.py [--profile quick] [--k 8] [--steps 10]
+    python benchmarks/retrain_bank.py [--profile quick] [--k 8] [--steps 10] [--smoke]
 """
 import argparse
 import dataclasses
@@ -28,6 +29,8 @@ from mesa_utils.triggers import TriggerPaster
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
                     "A10": 125.0, "V100": 125.0}
 
+SMOKE = dict(profile="smoke", k=2, steps=2)
+
 
 def retrainings_per_unit(cfg) -> int:
     """How many retrainings one trigger's unit runs (04's comparison, defense_sources)."""
@@ -41,7 +44,10 @@ def main():
     parser.add_argument("--profile", default="quick")
     parser.add_argument("--k", type=int, default=8, help="retrainings per bank")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per retraining")
+    parser.add_argument("--smoke", action="store_true", help=f"tiny sizes: {SMOKE}")
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
     device = get_device("auto")
     cfg = make_config(args.profile)
     recipe = cfg.defense
