@@ -356,7 +356,8 @@ def hardness_verdict(agreement: pd.DataFrame) -> dict:
     not reproduce it (one retraining ranks its own draw); "backdoored model" when that one does
     but the attack-seed one does not; "clean model and target" when both do but the other
     model does not; "pattern" when all three do. Returns {follows, reproduced, top_reproduced}
-    ({screen: bool}); follows is "undetermined" when a replicate is missing."""
+    ({screen: bool}) and reading (what `follows` means, one sentence); follows is
+    "undetermined" when a replicate is missing."""
     rows = agreement.set_index("screen")
     reproduced = {s: bool(rows.loc[s, "rho_low"] > 0) for s in REPLICATES if s in rows.index}
     top = {s: bool(rows.loc[s, "top_overlap_p"] < 0.05) for s in REPLICATES if s in rows.index}
@@ -370,7 +371,23 @@ def hardness_verdict(agreement: pd.DataFrame) -> dict:
         follows = "clean model and target"
     else:
         follows = "pattern"
-    return {"follows": follows, "reproduced": reproduced, "top_reproduced": top}
+    return {"follows": follows, "reproduced": reproduced, "top_reproduced": top,
+            "reading": VERDICT_READINGS[follows]}
+
+
+VERDICT_READINGS = {
+    "noise": "Retrained once more, the same backdoored models rank the triggers otherwise: one "
+             "screen's hardest triggers are draws of the reversal and retraining, not a class "
+             "of triggers.",
+    "backdoored model": "The same models rank alike when retrained again, but the same pattern "
+                        "attacked from another seed does not: hardness belongs to the "
+                        "backdoored model, not to the pattern.",
+    "clean model and target": "The ranking survives another attack seed but not another clean "
+                              "model and target: hardness belongs to the pattern on this clean "
+                              "model and target, not to the pattern alone.",
+    "pattern": "Every replicate ranks the triggers alike: hardness belongs to the pattern.",
+    "undetermined": "A replicate is missing, so no verdict.",
+}
 
 
 # ---------------------------------------------------------------------------------------------

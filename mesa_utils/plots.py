@@ -441,7 +441,7 @@ def screen_replication_figure(pairs: dict, agreement: pd.DataFrame):
     fig, axes = plt.subplots(1, len(pairs), figsize=(3.6 * len(pairs), 3.6), squeeze=False)
     rows = agreement.set_index("screen")
     for ax, (screen, table) in zip(axes[0], pairs.items()):
-        high = 100 * max(table.original.max(), table.replicate.max()) * 1.05
+        high = max(105 * max(table.original.max(), table.replicate.max()), 1.0)  # 0: no box
         ax.plot([0, high], [0, high], color="lightgray", lw=1, zorder=0)
         ax.scatter(100 * table.original, 100 * table.replicate, s=14, color="tab:red")
         for trigger, row in table.iterrows():

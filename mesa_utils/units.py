@@ -161,9 +161,10 @@ def read_unit(path: Path, cfg, kind=None) -> dict | None:
         raise ValueError(f"{path} is not a unit result ({error}); move it away to run the "
                          "unit again") from None
     if key != config_key(cfg, kind):
-        raise ValueError(f"{path} holds a unit of another config (key {key}, this run "
-                         f"{config_key(cfg, kind)}); it is not overwritten: choose another "
-                         "outputs folder or move the file away")
+        raise ValueError(f"{path} holds a unit of another config or kind (key {key}, this "
+                         f"run's {(kind or PIPELINE).name} units {config_key(cfg, kind)}); it "
+                         "is not overwritten: choose another outputs folder or move the file "
+                         "away")
     return unit
 
 

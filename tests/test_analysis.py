@@ -195,3 +195,56 @@ def test_healthy_run_applies_the_profile_bounds_and_names_every_failure():
         healthy_run([expect(quick, "ASR", 0.85, at_least=bound),
                      expect(quick, "drop", 2.5, at_most={"quick": 2.0}),
                      expect(quick, "fine", 1.0)])
+
+
+def test_screen_agreement_on_rankings_with_known_answers():
+    from mesa_utils.analysis import overlap_p_value, screen_agreement, spearman_rho
+    from scipy.stats import spearmanr
+    rng = np.random.default_rng(0)
+    first = pd.Series(rng.random(51), index=range(100, 151))
+    same = screen_agreement(first, first * 0.5 + 0.1)       # a monotone map: the same ranking
+    assert same["triggers"] == 51 and same["rho"] == pytest.approx(1)
+    assert same["rho_low"] == pytest.approx(1) and same["top_k"] == 10
+    assert same["top_overlap"] == 10 and same["top_overlap_p"] == pytest.approx(1 / math.comb(51, 10))
+    reversed_ = screen_agreement(first, -first)
+    assert reversed_["rho"] == pytest.approx(-1) and reversed_["top_overlap"] == 0
+    assert reversed_["top_overlap_p"] == 1
+    unrelated = screen_agreement(first, pd.Series(rng.random(51), index=first.index))
+    assert unrelated["rho_low"] < 0 < unrelated["rho_high"]     # nothing shared: 0 inside
+    assert unrelated["chance_overlap"] == pytest.approx(100 / 51)
+    # only the triggers both hold (a replicate of every third), nan dropped, ids aligned
+    shuffled = first.iloc[::3].sample(frac=1, random_state=0)
+    part = screen_agreement(first, shuffled.where(shuffled.index != 100))
+    assert part["triggers"] == 16 and part["rho"] == pytest.approx(1) and part["top_k"] == 3
+    with pytest.raises(ValueError, match="at least 4 shared triggers"):
+        screen_agreement(first, first.iloc[:3])
+    with pytest.raises(ValueError, match="finite"):
+        screen_agreement(first, first.replace(first.iloc[0], np.inf))
+    # rho with ties is scipy's; a batch of rows is each row's
+    x, y = np.array([1, 2, 2, 3, 5.0]), np.array([2, 1, 4, 4, 9.0])
+    assert spearman_rho(x, y) == pytest.approx(spearmanr(x, y).statistic)
+    assert np.allclose(spearman_rho(np.stack([x, x]), np.stack([y, -y])),
+                       [spearmanr(x, y).statistic, -spearmanr(x, y).statistic])
+    # the hypergeometric tail: P(>= 0) = 1, and the mean overlap k^2/n from its pmf
+    assert overlap_p_value(0, 10, 51) == 1
+    pmf = [overlap_p_value(x, 10, 51) - overlap_p_value(x + 1, 10, 51) for x in range(10)]
+    pmf.append(overlap_p_value(10, 10, 51))
+    assert sum(x * p for x, p in enumerate(pmf)) == pytest.approx(100 / 51)
+
+
+@pytest.mark.parametrize("lows, follows", [
+    ((-0.1, 0.3, 0.3), "noise"),                  # a second retraining already disagrees
+    ((0.2, -0.05, 0.3), "backdoored model"),
+    ((0.2, 0.1, -0.2), "clean model and target"),
+    ((0.2, 0.1, 0.05), "pattern"),
+])
+def test_hardness_verdict_names_the_first_replicate_that_fails(lows, follows):
+    from mesa_utils.analysis import REPLICATES, VERDICT_READINGS, hardness_verdict
+    rows = pd.DataFrame({"screen": REPLICATES, "rho_low": lows,
+                         "top_overlap_p": (0.01, 0.2, 0.04)})
+    verdict = hardness_verdict(rows)
+    assert verdict["follows"] == follows and verdict["reading"] == VERDICT_READINGS[follows]
+    assert verdict["reproduced"] == dict(zip(REPLICATES, (low > 0 for low in lows)))
+    assert verdict["top_reproduced"] == {"retraining": True, "attack seed": False,
+                                         "model and target": True}
+    assert hardness_verdict(rows.iloc[:2])["follows"] == "undetermined"

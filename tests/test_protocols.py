@@ -179,3 +179,11 @@ def test_protocols_config_rejects_a_holdout_as_large_as_the_defenders_split():
         protocols.check_holdout(make_config("smoke", **{"protocols.holdout": defender}))
     with pytest.raises(ValueError, match="protocols.map_trigger must be a canonical trigger"):
         make_config("smoke", **{"protocols.map_trigger": 511})
+
+
+def test_the_retraining_replicate_screens_every_third_trigger_by_id():
+    quick = make_config("quick")
+    assert protocols.repeat_triggers(quick) == BW_TRIGGER_IDS[::3]
+    assert len(protocols.repeat_triggers(quick)) == 17
+    smoke = make_config("smoke")        # a short screen is replicated whole
+    assert protocols.repeat_triggers(smoke) == protocols.screen_triggers(smoke)

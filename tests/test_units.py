@@ -159,3 +159,39 @@ def test_screen_units_run_over_their_own_triggers_and_key_on_the_protocols(tmp_p
     faster = make_config("smoke", **{"protocols.screen_rate": 0.5})
     assert config_key(more, SCREEN) == config_key(cfg, SCREEN) != config_key(faster, SCREEN)
     assert config_key(faster) == config_key(cfg)
+
+
+def test_screen_replicates_are_kinds_of_their_own_over_the_same_models(tmp_path, store):
+    from mesa_utils.protocols import screen_rows
+    from mesa_utils.units import SCREEN, SCREEN_REPEAT, SCREEN_SIBLING, screens
+    cfg = make_config("smoke", **CPU, **{"protocols.screen_triggers": (0, 7, 15, 186)})
+    listed = screens(cfg, "run")
+    assert [s.name for s in listed] == ["original", "retraining", "attack seed",
+                                        "model and target"]
+    assert [s.kind for s in listed] == [SCREEN, SCREEN_REPEAT, SCREEN_SIBLING, SCREEN]
+    assert listed[3].outputs == "run-seed1-target1"
+    assert (listed[3].cfg.seed, listed[3].cfg.target) == (cfg.seed + 1, (cfg.target + 1) % 10)
+    keys = {config_key(cfg, kind) for kind in (SCREEN, SCREEN_REPEAT, SCREEN_SIBLING)}
+    assert len(keys) == 3
+    small = make_config("smoke", **CPU, **{"protocols.screen_triggers": (0,)})
+    original = merge_units(small, run_units(small, root=tmp_path, kind=SCREEN), SCREEN)["screen"]
+    ctx = setup(small)
+    for kind, start, attack_seed in ((SCREEN_REPEAT, 1, 0), (SCREEN_SIBLING, 0, 1)):
+        rows = merge_units(small, run_units(small, root=tmp_path, kind=kind), kind)["screen"]
+        assert rows.trigger.tolist() == [0] and rows.start.tolist() == [start]
+        assert rows.seed.tolist() == [small.seed + start]
+        backdoor = backdoored_model(ctx, 0, attack_seed)
+        assert rows.asr_before.tolist() == [backdoor.asr]
+        # the original's backdoored model (repeat) or another attack of it (sibling)
+        weights = [next(b.model(ctx).parameters()) for b in (backdoor, backdoored_model(ctx, 0))]
+        assert torch.equal(*weights) == (attack_seed == 0)
+    assert original.start.tolist() == [0]
+    # one screen's file in another's folder is refused, not read as its rows
+    repeat_file = unit_path(unit_folder(small, root=tmp_path, kind=SCREEN_REPEAT), 0)
+    repeat_file.write_text(unit_path(unit_folder(small, root=tmp_path, kind=SCREEN), 0)
+                           .read_text())
+    with pytest.raises(ValueError, match="another config or kind.*screen-repeat"):
+        run_units(small, root=tmp_path, kind=SCREEN_REPEAT)
+    with pytest.raises(ValueError, match="repeat 2 needs baseline starts 2 to 2.*baseline.starts"
+                                         " is 2"):
+        screen_rows(ctx, 0, repeat=2)
