@@ -89,8 +89,11 @@ if [[ $PREPARE == 1 ]]; then
     mkdir -p .device
     install -m 0644 "$archive" .device/cifar10-jpg.tar.gz
     [[ ! -f $archive.sha256 ]] || install -m 0644 "$archive.sha256" .device/cifar10-jpg.tar.gz.sha256
-    echo "prepared .device/ ($(du -sh .device | cut -f1)): carry it (device tool: carry [\".device\"]) and run there, from the repository root:"
-    echo "  PYTHONPATH=. python3 benchmarks/retrain_bank.py --profile $PROFILE | tee \$OUT/retrain_bank.txt && MESA_CIFAR10_ARCHIVE=.device/cifar10-jpg.tar.gz PYTHONUNBUFFERED=1 python3 -m mesa_utils.units --profile $PROFILE --outputs $PROFILE --overrides '{\"triggers\": [0, 1, 2], \"visualization.triggers\": []}' && tar czf \$OUT/units.tgz figures/$PROFILE/units"
+    echo "prepared .device/ ($(du -sh .device | cut -f1)): carry it to the GPU machine with the working tree and run there, from the repository root:"
+    # mesa_utils/timeboxed.py: imports checked first, every finished unit in $OUT/units.tgz as
+    # it finishes, no unit started past the budget (540 s of the device's 600 per command).
+    echo "  MESA_CIFAR10_ARCHIVE=.device/cifar10-jpg.tar.gz PYTHONPATH=. PYTHONUNBUFFERED=1 python3 -m mesa_utils.timeboxed --profile $PROFILE --out \"\$OUT\" --budget 540 --workers 2"
+    echo "then, here: tar xzf <files_at>/units.tgz (the units go to figures/$PROFILE/units/; summary.json beside it says what finished)"
     exit 0
 fi
 

@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -198,16 +199,40 @@ def run_unit(ctx, trigger: int, folder: Path, kind=None) -> Path:
     return path
 
 
-def run_units(cfg, outputs: str | None = None, root=None, kind=None) -> Path:
+def check_only(cfg, kind, only) -> set:
+    """The triggers `only` names (None: all of the kind's), refused with ValueError when one is
+    not among the kind's triggers of `cfg`."""
+    triggers = (kind or PIPELINE).triggers(cfg)
+    foreign = sorted(set(only or ()) - set(triggers))
+    if foreign:
+        raise ValueError(f"trigger(s) {foreign} are not among the {(kind or PIPELINE).name} "
+                         f"units' triggers of this config; choose from {list(triggers)}")
+    return set(triggers if only is None else only)
+
+
+def run_units(cfg, outputs: str | None = None, root=None, kind=None, deadline=None,
+              unit_seconds: float = 0.0, only=None) -> Path:
     """Every pending unit of `cfg` (and kind: the pipeline by default), one after another in
-    this process, in the kind's trigger order; returns the folder."""
+    this process, in the kind's trigger order; returns the folder. only: just these of the
+    kind's triggers (one process's share). deadline (time.time() seconds): start no unit that
+    would not finish by then, judged by the slowest unit so far (unit_seconds before the
+    first), and say which were left for a later run."""
     folder = unit_folder(cfg, outputs, root, kind)
-    todo = pending_triggers(cfg, folder, kind)
+    todo = [t for t in pending_triggers(cfg, folder, kind) if t in check_only(cfg, kind, only)]
     if todo:
         ctx = setup(cfg)
         clean_model(ctx)
-        for trigger in progress(todo, f"{(kind or PIPELINE).name} units ({cfg.profile})"):
+        slowest = unit_seconds
+        for done, trigger in enumerate(progress(todo, f"{(kind or PIPELINE).name} units "
+                                                      f"({cfg.profile})")):
+            if deadline is not None and time.time() + slowest > deadline:
+                print(f"deadline: {len(todo) - done} unit(s) left for a later run "
+                      f"({', '.join(map(str, todo[done:]))}): {deadline - time.time():.0f} s "
+                      f"left, a unit takes ~{slowest:.0f} s", flush=True)
+                break
+            started = time.time()
             run_unit(ctx, trigger, folder, kind)
+            slowest = max(slowest, time.time() - started)
     return folder
 
 
@@ -266,15 +291,35 @@ def main(argv=None) -> int:
                                      description="Run every per-trigger unit without a result "
                                                  "file, one after another in this process.")
     add_run_arguments(parser)
+    parser.add_argument("--deadline", type=float, default=None, help="time.time() seconds by "
+                        "which to finish: no unit is started that would end later (judged by "
+                        "the slowest so far, --unit-seconds before the first)")
+    parser.add_argument("--unit-seconds", type=float, default=0.0,
+                        help="the expected seconds of one unit, before one has run (default 0)")
+    parser.add_argument("--only", default=None, help="comma-separated triggers: run just these "
+                        "of the kind's (one process's share of them)")
     args = parser.parse_args(argv)
     _, _, cfg = config_from_arguments(parser, args)
+    if args.unit_seconds < 0 or not math.isfinite(args.unit_seconds):
+        parser.error(f"--unit-seconds must be a number >= 0, got {args.unit_seconds}")
     kind = KINDS[args.kind]
+    try:
+        only = None if args.only is None else [int(t) for t in args.only.split(",") if t]
+    except ValueError:
+        parser.error(f"--only needs trigger ids separated by commas, e.g. 170,15; got "
+                     f"{args.only!r}")
+    try:
+        chosen = check_only(cfg, kind, only)
+    except ValueError as error:
+        parser.error(f"--only {args.only}: {error}")
     start = time.time()
     folder = unit_folder(cfg, args.outputs, kind=kind)
-    todo = pending_triggers(cfg, folder, kind)
-    run_units(cfg, args.outputs, kind=kind)
-    print(f"units in {folder}: {len(todo)} run in {time.time() - start:.0f} s, "
-          f"{len(kind.triggers(cfg)) - len(todo)} already there")
+    todo = [t for t in pending_triggers(cfg, folder, kind) if t in chosen]
+    run_units(cfg, args.outputs, kind=kind, deadline=args.deadline,
+              unit_seconds=args.unit_seconds, only=only)
+    left = [t for t in pending_triggers(cfg, folder, kind) if t in chosen]
+    print(f"units in {folder}: {len(todo) - len(left)} run in {time.time() - start:.0f} s, "
+          f"{len(chosen) - len(todo)} already there, {len(left)} left")
     return 0
 
 

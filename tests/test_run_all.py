@@ -243,8 +243,8 @@ def test_prepare_device_carries_the_archive_and_prints_the_command(tmp_path):
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / ".device" / "cifar10-jpg.tar.gz").read_bytes() == b"archive bytes"
-    assert "python3 -m mesa_utils.units --profile paper --outputs paper" in result.stdout
-    assert "python3 benchmarks/retrain_bank.py --profile paper" in result.stdout
+    assert ("python3 -m mesa_utils.timeboxed --profile paper --out \"$OUT\" --budget 540"
+            in result.stdout)
     refused = subprocess.run(["bash", str(tmp_path / "run_all.sh"), "--prepare-device",
                               "--only", "01"], capture_output=True, text=True, env=env,
                              timeout=60)
