@@ -343,25 +343,43 @@ def screen_agreement(first: pd.Series, second: pd.Series, resamples: int = 10_00
             "top_overlap_p": overlap_p_value(overlap, k, n)}
 
 
-# What each replicate of the screen holds fixed: a ranking that a replicate reproduces
-# belongs to what that replicate shares with the original screen.
-REPLICATES = ("retraining", "attack seed", "model and target")
+def held_out_series(name: str, table: pd.DataFrame) -> dict:
+    """{screen: held-out ASR per trigger (mean over its rows, in [0, 1])} of one set of screen
+    units named `name`; the same-build set (rows with a `repeat` column) holds two screens:
+    "rebuild" (repeat 0: the original screen again, on this build of the models) and
+    "retraining" (repeat 1: the next baseline start and retraining seed on the same models)."""
+    def by_trigger(rows):
+        return rows.groupby("trigger").holdout_asr.mean()
+    if "repeat" in table:
+        return {"rebuild": by_trigger(table[table.repeat == 0]),
+                "retraining": by_trigger(table[table.repeat == 1])}
+    return {name: by_trigger(table)}
+
+
+# Each replicate of the screen and the screen it is compared with, which differs from it in one
+# thing. Training is not bitwise repeatable across machines, so a rebuild of the models from the
+# same seeds is itself a replicate ("rebuild", against the committed original), and the
+# retraining and attack-seed replicates are compared with the rebuild, whose models they share.
+REPLICATES = {"retraining": "rebuild", "attack seed": "rebuild",
+              "model and target": "original", "rebuild": "original"}
+# The replicates that decide the verdict, each holding fixed less than the one before.
+VERDICT_CHAIN = ("retraining", "attack seed", "model and target")
 
 
 def hardness_verdict(agreement: pd.DataFrame) -> dict:
-    """Which of noise, backdoored model, clean model or pattern the original screen's ranking
-    follows, from screen_agreement rows (column `screen`: each of REPLICATES, against the
-    original). A replicate reproduces the ranking when its rho's 95% interval lies above 0,
+    """Which of noise, backdoored model, clean model or pattern a screen's ranking follows,
+    from screen_agreement rows (column `screen`: a replicate of REPLICATES, against its
+    reference). A replicate reproduces the ranking when its rho's 95% interval lies above 0,
     and its top when top_overlap_p < 0.05. follows: "noise" when the retraining replicate does
     not reproduce it (one retraining ranks its own draw); "backdoored model" when that one does
     but the attack-seed one does not; "clean model and target" when both do but the other
     model does not; "pattern" when all three do. Returns {follows, reproduced, top_reproduced}
-    ({screen: bool}) and reading (what `follows` means, one sentence); follows is
-    "undetermined" when a replicate is missing."""
+    ({screen: bool}, every replicate present) and reading (what `follows` means, one
+    sentence); follows is "undetermined" when one of VERDICT_CHAIN is missing."""
     rows = agreement.set_index("screen")
     reproduced = {s: bool(rows.loc[s, "rho_low"] > 0) for s in REPLICATES if s in rows.index}
     top = {s: bool(rows.loc[s, "top_overlap_p"] < 0.05) for s in REPLICATES if s in rows.index}
-    if len(reproduced) < len(REPLICATES):
+    if not set(VERDICT_CHAIN) <= set(reproduced):
         follows = "undetermined"
     elif not reproduced["retraining"]:
         follows = "noise"

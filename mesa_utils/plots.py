@@ -434,25 +434,25 @@ def screen_proxy_figure(table: pd.DataFrame):
 
 
 def screen_replication_figure(pairs: dict, agreement: pd.DataFrame):
-    """The original screen against each replicate: one panel per replicate ({screen: table
-    with columns original, replicate (held-out ASR after one retraining, in [0, 1]), indexed
-    by trigger}), one point per trigger, the diagonal where the two screens would agree, and
-    the agreement row's rho (95% interval) and top-k overlap in the title."""
-    fig, axes = plt.subplots(1, len(pairs), figsize=(3.6 * len(pairs), 3.6), squeeze=False)
+    """Each replicate of the screen against its reference: one panel per replicate ({screen:
+    table with columns reference, replicate (held-out ASR after one retraining, in [0, 1]),
+    indexed by trigger}), one point per trigger, the diagonal where the two would agree, and
+    the agreement row's reference (`against`), rho (95% interval) and top-k overlap."""
+    fig, axes = plt.subplots(1, len(pairs), figsize=(3.6 * len(pairs), 3.7), squeeze=False)
     rows = agreement.set_index("screen")
     for ax, (screen, table) in zip(axes[0], pairs.items()):
-        high = max(105 * max(table.original.max(), table.replicate.max()), 1.0)  # 0: no box
+        high = max(105 * max(table.reference.max(), table.replicate.max()), 1.0)  # 0: no box
         ax.plot([0, high], [0, high], color="lightgray", lw=1, zorder=0)
-        ax.scatter(100 * table.original, 100 * table.replicate, s=14, color="tab:red")
+        ax.scatter(100 * table.reference, 100 * table.replicate, s=14, color="tab:red")
         for trigger, row in table.iterrows():
-            ax.annotate(str(trigger), (100 * row.original, 100 * row.replicate), fontsize=5,
+            ax.annotate(str(trigger), (100 * row.reference, 100 * row.replicate), fontsize=5,
                         xytext=(2, 2), textcoords="offset points", color="dimgray")
         r = rows.loc[screen]
-        ax.set_title(f"{screen}: rho {r.rho:+.2f} [{r.rho_low:+.2f}, {r.rho_high:+.2f}]\n"
-                     f"top {r.top_k}: {r.top_overlap} shared (chance {r.chance_overlap:.1f})",
-                     fontsize=8)
-        ax.set_xlabel("original screen: held-out ASR\nafter one retraining (%)", fontsize=8)
-        ax.set_ylabel(f"{screen} replicate: held-out ASR\nafter one retraining (%)", fontsize=8)
+        ax.set_title(f"{screen} vs {r.against}: rho {r.rho:+.2f} [{r.rho_low:+.2f}, "
+                     f"{r.rho_high:+.2f}]\n{r.triggers} triggers; top {r.top_k}: "
+                     f"{r.top_overlap} shared (chance {r.chance_overlap:.1f})", fontsize=8)
+        ax.set_xlabel(f"{r.against} screen: held-out ASR\nafter one retraining (%)", fontsize=8)
+        ax.set_ylabel(f"{screen} screen: held-out ASR\nafter one retraining (%)", fontsize=8)
         ax.set_xlim(0, high)
         ax.set_ylim(0, high)
         ax.set_aspect("equal")

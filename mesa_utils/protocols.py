@@ -26,7 +26,8 @@ import torch
 
 from .analysis import method_label
 from .config import validate
-from .defense import baseline_triggers, defense_sources, patch_source, retrain_row
+from .defense import (baseline_triggers, defense_sources, patch_source, retrain_row,
+                      retraining_seeds)
 from .intervals import bootstrap_interval
 from .train import (Backdoor, Context, attack_success_rate, backdoored_model, clean_model,
                     eval_asr_interval, progress)
@@ -153,28 +154,32 @@ def closest_planting_attack(table):
 EXPOSURE_METHODS = ("finetune", "random_patch", "baseline", "mesa", "mesa_mixture", "ideal")
 
 
-def exposure_rows(ctx: Context, backdoor: Backdoor) -> list:
+def exposure_rows(ctx: Context, backdoor: Backdoor, repeated: bool = False) -> list:
     """After-defence rows (retrain_row, with holdout_asr) of EXPOSURE_METHODS at every rate r of
     protocols.exposure_rates (column `rate`), each trained on the defender's split less its
-    protocols.holdout images: one seed (cfg.seed) per method, the baseline's starts as its
-    runs, MESA's sub-model of the highest beta only."""
+    protocols.holdout images: one seed (cfg.seed) per method, or with `repeated` each method's
+    retraining_seeds (04's: defense_seeds each); the baseline's starts as its runs, MESA's
+    sub-model of the highest beta only. Finetuning pastes nothing: one run per seed serves
+    every rate."""
     check_holdout(ctx.cfg)
     holdout, top_beta = ctx.cfg.protocols.holdout, max(ctx.cfg.mesa.betas)
     rows = []
-    finetune = None
+    finetune = {}
     for rate in ctx.cfg.protocols.exposure_rates:
         at_rate = with_section(ctx, "defense", poison_rate=rate)
         for method, beta, start, source, spec in defense_sources(at_rate, backdoor,
                                                                  EXPOSURE_METHODS):
             if method == "mesa" and beta != top_beta:
                 continue
-            if method == "finetune":
-                finetune = finetune or retrain_row(ctx, backdoor, method, beta, start, source,
-                                                   spec, ctx.cfg.seed, holdout)
-                rows.append({**finetune, "rate": rate})
-                continue
-            rows.append({**retrain_row(at_rate, backdoor, method, beta, start, source, spec,
-                                       ctx.cfg.seed, holdout), "rate": rate})
+            for seed in retraining_seeds(ctx.cfg, method) if repeated else [ctx.cfg.seed]:
+                if method == "finetune":
+                    if seed not in finetune:
+                        finetune[seed] = retrain_row(ctx, backdoor, method, beta, start, source,
+                                                     spec, seed, holdout)
+                    rows.append({**finetune[seed], "rate": rate})
+                    continue
+                rows.append({**retrain_row(at_rate, backdoor, method, beta, start, source, spec,
+                                           seed, holdout), "rate": rate})
     return rows
 
 

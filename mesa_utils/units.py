@@ -34,7 +34,7 @@ from .config import (BlendedConfig, ProtocolsConfig, SampDetoxConfig, StudyConfi
 from .defense import compare_defenses, neural_cleanse_row
 from .mesa import detect_target, staircase_bank
 from .outputs import code_version, output_folder
-from .protocols import repeat_triggers, screen_rows, screen_triggers
+from .protocols import exposure_rows, repeat_triggers, screen_rows, screen_triggers
 from .store import REPO_ROOT, spec_key, write_json
 from .train import attack_table, backdoored_model, clean_model, progress, setup
 
@@ -45,8 +45,9 @@ def config_key(cfg, kind=None) -> str:
     """The hash of everything a unit's rows depend on: the config less config.HOW_FIELDS
     (where and how a run computes, not what), the trigger lists (a unit is one trigger) and
     the sections of notebooks 03, 05 and 06 (study, visualization, blended, sampdetox), which
-    no unit uses; the protocols section (notebook 07) counts only for kind SCREEN. Units of one profile run
-    in several batches of triggers therefore merge."""
+    no unit uses; the protocols section (notebook 07) counts only for the kinds that use it
+    (the screens and the contrast), and a kind with own_key adds its name. Units of one
+    profile run in several batches of triggers therefore merge."""
     kind = kind or PIPELINE
     protocols = (dataclasses.replace(cfg.protocols, screen_triggers=())
                  if kind.uses_protocols else ProtocolsConfig())
@@ -102,19 +103,29 @@ PIPELINE = UnitKind("pipeline", "units", TABLES, unit_tables, lambda cfg: cfg.tr
 SCREEN = UnitKind("screen", "screen", ("screen",),
                   lambda ctx, trigger: {"screen": screen_rows(ctx, trigger)}, screen_triggers,
                   uses_protocols=True)
-# Its replicates (notebook 08: is a trigger's hardness its pattern's, its model's, or noise?):
-# the same screen on sibling backdoors (protocols.sibling_seed: another attack seed, the same
-# clean model), and the original backdoors retrained once more (the next baseline start, the
-# next retraining seed) on repeat_triggers.
+# Its replicates (notebook 08: is a trigger's hardness its pattern's, its model's, or noise?),
+# over repeat_triggers: the original backdoors screened twice on this build of the models
+# (column `repeat`: 0 the original's start and seed, 1 the next baseline start and retraining
+# seed), and sibling backdoors (protocols.sibling_seed: another attack seed, the same clean
+# model) screened as the original.
+SCREEN_REPEAT = UnitKind(
+    "screen-repeat", "screen-repeat", ("screen",),
+    lambda ctx, trigger: {"screen": [{**row, "repeat": repeat} for repeat in (0, 1)
+                                     for row in screen_rows(ctx, trigger, repeat=repeat)]},
+    repeat_triggers, uses_protocols=True, own_key=True)
 SCREEN_SIBLING = UnitKind(
     "screen-sibling", "screen-sibling", ("screen",),
     lambda ctx, trigger: {"screen": screen_rows(ctx, trigger,
                                                 attack_seed=ctx.cfg.protocols.sibling_seed)},
-    screen_triggers, uses_protocols=True, own_key=True)
-SCREEN_REPEAT = UnitKind("screen-repeat", "screen-repeat", ("screen",),
-                         lambda ctx, trigger: {"screen": screen_rows(ctx, trigger, repeat=1)},
-                         repeat_triggers, uses_protocols=True, own_key=True)
-KINDS = {kind.name: kind for kind in (PIPELINE, SCREEN, SCREEN_SIBLING, SCREEN_REPEAT)}
+    repeat_triggers, uses_protocols=True, own_key=True)
+# The contrast where one reversed trigger fails (notebook 08): 07's exposure comparison
+# (protocols.exposure_rates) with every method retrained from each of its retraining seeds,
+# on triggers a screen ranked hardest.
+CONTRAST = UnitKind("contrast", "contrast", ("contrast",),
+                    lambda ctx, trigger: {"contrast": exposure_rows(
+                        ctx, backdoored_model(ctx, trigger), repeated=True)},
+                    lambda cfg: cfg.triggers, uses_protocols=True, own_key=True)
+KINDS = {kind.name: kind for kind in (PIPELINE, SCREEN, SCREEN_SIBLING, SCREEN_REPEAT, CONTRAST)}
 
 
 def other_model_config(cfg):
@@ -135,14 +146,17 @@ class Screen:
 
 
 def screens(cfg, outputs: str | None = None) -> list:
-    """The original hard-trigger screen of `cfg` and its three replicates, as Screen values.
-    The other model's units go to figures/<outputs>-seed<s>-target<t>/screen/ (another config,
-    so another folder); the others beside the original's in figures/<outputs>/."""
+    """The unit sets of notebook 08's screen and its replicates, as Screen values: the original
+    (all screen_triggers), the same build (SCREEN_REPEAT: the original's models screened twice),
+    the attack seed (SCREEN_SIBLING) and another model and target (kind SCREEN on
+    other_model_config, into figures/<outputs>-seed<s>-target<t>/screen/: another config, so
+    another folder); the others go beside the original's in figures/<outputs>/."""
     base = output_folder(cfg, outputs)
     other = other_model_config(cfg)
     return [Screen("original", "none", cfg, SCREEN, base),
-            Screen("retraining", "the next baseline start and retraining seed, same models "
-                   "(every third trigger)", cfg, SCREEN_REPEAT, base),
+            Screen("same build", "the original screened again on this build of the models, "
+                   "then with the next baseline start and retraining seed", cfg, SCREEN_REPEAT,
+                   base),
             Screen("attack seed", f"attack seed {cfg.protocols.sibling_seed}, same clean model "
                    "and target", cfg, SCREEN_SIBLING, base),
             Screen("model and target", f"clean model seed {other.seed}, target {other.target}",
@@ -266,7 +280,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default); screen: the hard-trigger screen of notebook 08 over "
                              "protocols.screen_triggers (all 51 by default); screen-sibling and "
                              "screen-repeat: two of its replicates (notebook 08; the third is "
-                             "kind screen with the overrides of units.other_model_config)")
+                             "kind screen with the overrides of units.other_model_config); "
+                             "contrast: 07's exposure comparison, every method from each of "
+                             "its retraining seeds, over the config's triggers")
 
 
 def config_from_arguments(parser: argparse.ArgumentParser, args):

@@ -239,12 +239,29 @@ def test_screen_agreement_on_rankings_with_known_answers():
     ((0.2, 0.1, 0.05), "pattern"),
 ])
 def test_hardness_verdict_names_the_first_replicate_that_fails(lows, follows):
-    from mesa_utils.analysis import REPLICATES, VERDICT_READINGS, hardness_verdict
-    rows = pd.DataFrame({"screen": REPLICATES, "rho_low": lows,
-                         "top_overlap_p": (0.01, 0.2, 0.04)})
+    from mesa_utils.analysis import (REPLICATES, VERDICT_CHAIN, VERDICT_READINGS,
+                                     hardness_verdict)
+    rows = pd.DataFrame({"screen": [*VERDICT_CHAIN, "rebuild"], "rho_low": [*lows, -0.5],
+                         "top_overlap_p": (0.01, 0.2, 0.04, 0.5)})
     verdict = hardness_verdict(rows)
     assert verdict["follows"] == follows and verdict["reading"] == VERDICT_READINGS[follows]
-    assert verdict["reproduced"] == dict(zip(REPLICATES, (low > 0 for low in lows)))
+    assert verdict["reproduced"] == {**dict(zip(VERDICT_CHAIN, (low > 0 for low in lows))),
+                                     "rebuild": False}
     assert verdict["top_reproduced"] == {"retraining": True, "attack seed": False,
-                                         "model and target": True}
-    assert hardness_verdict(rows.iloc[:2])["follows"] == "undetermined"
+                                         "model and target": True, "rebuild": False}
+    # the rebuild is reported, not part of the chain; a replicate of the chain missing is not
+    assert hardness_verdict(rows.iloc[:3])["follows"] == follows
+    assert hardness_verdict(rows.iloc[1:])["follows"] == "undetermined"
+    assert set(VERDICT_CHAIN) < set(REPLICATES)
+
+
+def test_the_same_build_units_hold_two_screens():
+    from mesa_utils.analysis import held_out_series
+    rows = pd.DataFrame({"trigger": [0, 0, 3, 3], "repeat": [0, 1, 0, 1],
+                         "holdout_asr": [0.1, 0.2, 0.3, 0.4]})
+    series = held_out_series("same build", rows)
+    assert list(series) == ["rebuild", "retraining"]
+    assert series["rebuild"].to_dict() == {0: 0.1, 3: 0.3}
+    assert series["retraining"].to_dict() == {0: 0.2, 3: 0.4}
+    plain = held_out_series("attack seed", rows.drop(columns="repeat"))
+    assert plain["attack seed"].to_dict() == pytest.approx({0: 0.15, 3: 0.35})

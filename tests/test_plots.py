@@ -60,18 +60,19 @@ def test_all_figures_are_written(outputs):
 def test_the_screen_replication_figure_has_one_labelled_panel_per_replicate(outputs):
     from mesa_utils.analysis import screen_agreement
     rng = np.random.default_rng(0)
-    original = pd.Series(rng.random(8), index=range(8))
-    replicates = {"retraining": original + 0.05 * rng.random(8),
+    reference = pd.Series(rng.random(8), index=range(8))
+    replicates = {"retraining": reference + 0.05 * rng.random(8),
                   "attack seed": pd.Series(np.zeros(8))}        # all 0: still a square box
-    pairs = {name: pd.concat({"original": original, "replicate": values}, axis=1)
+    pairs = {name: pd.concat({"reference": reference, "replicate": values}, axis=1)
              for name, values in replicates.items()}
-    agreement = pd.DataFrame([{"screen": "retraining", **screen_agreement(original,
-                                                                          replicates["retraining"])},
-                              {"screen": "attack seed", "rho": np.nan, "rho_low": np.nan,
-                               "rho_high": np.nan, "top_k": 2, "top_overlap": 0,
-                               "chance_overlap": 0.5}])
+    agreement = pd.DataFrame([{"screen": "retraining", "against": "rebuild",
+                               **screen_agreement(reference, replicates["retraining"])},
+                              {"screen": "attack seed", "against": "rebuild", "triggers": 8,
+                               "rho": np.nan, "rho_low": np.nan, "rho_high": np.nan,
+                               "top_k": 2, "top_overlap": 0, "chance_overlap": 0.5}])
     fig = plots.screen_replication_figure(pairs, agreement)
     axes = fig.axes
     assert len(axes) == 2 and all(ax.get_xlabel() and ax.get_ylabel() for ax in axes)
-    assert axes[0].get_title().startswith("retraining: rho +") and axes[1].get_ylim()[1] >= 1
+    assert axes[0].get_title().startswith("retraining vs rebuild: rho +")
+    assert axes[0].get_xlabel().startswith("rebuild screen") and axes[1].get_ylim()[1] >= 1
     _written(fig, "replication", outputs)

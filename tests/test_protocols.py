@@ -112,14 +112,23 @@ def test_exposure_curve_retrains_each_method_at_each_rate_and_finetune_once(toy_
     runs = []
 
     def fake_row(c, backdoor, method, beta, start, source, spec, seed, holdout):
-        runs.append((method, beta, start, c.cfg.defense.poison_rate, holdout))
-        return {"method": method, "beta": beta, "start": start}
+        runs.append((method, beta, start, c.cfg.defense.poison_rate, holdout, seed))
+        return {"method": method, "beta": beta, "start": start, "seed": seed}
     monkeypatch.setattr(protocols, "retrain_row", fake_row)
+    # repeated (the contrast units): every method from each of its retraining seeds, the
+    # baseline's starts as its runs, finetuning once per seed for every rate
+    three = replace(ctx, cfg=replace(ctx.cfg, defense_seeds=3))
+    repeated = protocols.exposure_rows(three, SimpleNamespace(trigger=170), repeated=True)
+    assert len(repeated) == 3 * (3 * 5 + 2) and sorted({r["seed"] for r in repeated}) == [0, 1, 2]
+    assert sorted(r[5] for r in runs if r[0] == "finetune") == [0, 1, 2]
+    assert sorted((r["start"], r["seed"]) for r in repeated
+                  if r["method"] == "baseline" and r["rate"] == 0.1) == [(0, 0), (1, 0)]
+    runs.clear(), asked.clear()
     rows = protocols.exposure_rows(ctx, SimpleNamespace(trigger=170))
     assert asked == [protocols.EXPOSURE_METHODS] * 3
     assert all(run[4] == ctx.cfg.protocols.holdout for run in runs)
     assert [r for r in runs if r[0] == "finetune"] == [
-        ("finetune", None, None, ctx.cfg.defense.poison_rate, ctx.cfg.protocols.holdout)]
+        ("finetune", None, None, ctx.cfg.defense.poison_rate, ctx.cfg.protocols.holdout, 0)]
     for rate in (0.05, 0.1, 0.2):
         at_rate = [(r[0], r[1], r[2]) for r in runs if r[3] == rate and r[0] != "finetune"]
         assert at_rate == [("mesa", 0.9, None), ("mesa_mixture", None, None),

@@ -166,7 +166,7 @@ def test_screen_replicates_are_kinds_of_their_own_over_the_same_models(tmp_path,
     from mesa_utils.units import SCREEN, SCREEN_REPEAT, SCREEN_SIBLING, screens
     cfg = make_config("smoke", **CPU, **{"protocols.screen_triggers": (0, 7, 15, 186)})
     listed = screens(cfg, "run")
-    assert [s.name for s in listed] == ["original", "retraining", "attack seed",
+    assert [s.name for s in listed] == ["original", "same build", "attack seed",
                                         "model and target"]
     assert [s.kind for s in listed] == [SCREEN, SCREEN_REPEAT, SCREEN_SIBLING, SCREEN]
     assert listed[3].outputs == "run-seed1-target1"
@@ -176,16 +176,21 @@ def test_screen_replicates_are_kinds_of_their_own_over_the_same_models(tmp_path,
     small = make_config("smoke", **CPU, **{"protocols.screen_triggers": (0,)})
     original = merge_units(small, run_units(small, root=tmp_path, kind=SCREEN), SCREEN)["screen"]
     ctx = setup(small)
-    for kind, start, attack_seed in ((SCREEN_REPEAT, 1, 0), (SCREEN_SIBLING, 0, 1)):
-        rows = merge_units(small, run_units(small, root=tmp_path, kind=kind), kind)["screen"]
-        assert rows.trigger.tolist() == [0] and rows.start.tolist() == [start]
-        assert rows.seed.tolist() == [small.seed + start]
-        backdoor = backdoored_model(ctx, 0, attack_seed)
-        assert rows.asr_before.tolist() == [backdoor.asr]
-        # the original's backdoored model (repeat) or another attack of it (sibling)
-        weights = [next(b.model(ctx).parameters()) for b in (backdoor, backdoored_model(ctx, 0))]
-        assert torch.equal(*weights) == (attack_seed == 0)
-    assert original.start.tolist() == [0]
+    repeat = merge_units(small, run_units(small, root=tmp_path, kind=SCREEN_REPEAT),
+                         SCREEN_REPEAT)["screen"]
+    # the same build twice: the original's start and seed again (here the same build, so the
+    # same row), then the next start from the next seed, on the same backdoored model
+    assert (repeat.repeat.tolist(), repeat.start.tolist()) == ([0, 1], [0, 1])
+    assert repeat.seed.tolist() == [small.seed, small.seed + 1]
+    assert repeat.holdout_asr.iloc[0] == original.holdout_asr.iloc[0]
+    assert repeat.asr_before.tolist() == 2 * original.asr_before.tolist()
+    sibling = merge_units(small, run_units(small, root=tmp_path, kind=SCREEN_SIBLING),
+                          SCREEN_SIBLING)["screen"]
+    assert (sibling.start.tolist(), sibling.seed.tolist()) == ([0], [small.seed])
+    backdoor = backdoored_model(ctx, 0, small.protocols.sibling_seed)
+    assert sibling.asr_before.tolist() == [backdoor.asr]
+    weights = [next(b.model(ctx).parameters()) for b in (backdoor, backdoored_model(ctx, 0))]
+    assert not torch.equal(*weights)                    # another attack of the same trigger
     # one screen's file in another's folder is refused, not read as its rows
     repeat_file = unit_path(unit_folder(small, root=tmp_path, kind=SCREEN_REPEAT), 0)
     repeat_file.write_text(unit_path(unit_folder(small, root=tmp_path, kind=SCREEN), 0)
