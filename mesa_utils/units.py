@@ -134,6 +134,13 @@ def other_model_config(cfg):
     return dataclasses.replace(cfg, seed=cfg.seed + 1, target=(cfg.target + 1) % 10)
 
 
+def contrast_config(cfg, triggers):
+    """cfg for the contrast units on `triggers`: 07's exposure comparison at the screen's rate
+    (protocols.screen_rate, the paper's exposure) and at the profile's (defense.poison_rate)."""
+    return dataclasses.replace(cfg, triggers=tuple(triggers), protocols=dataclasses.replace(
+        cfg.protocols, exposure_rates=(cfg.protocols.screen_rate, cfg.defense.poison_rate)))
+
+
 @dataclass(frozen=True)
 class Screen:
     """One screen of notebook 08: its name, what it changes against the original, and where

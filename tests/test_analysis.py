@@ -265,3 +265,25 @@ def test_the_same_build_units_hold_two_screens():
     assert series["retraining"].to_dict() == {0: 0.2, 3: 0.4}
     plain = held_out_series("attack seed", rows.drop(columns="repeat"))
     assert plain["attack seed"].to_dict() == pytest.approx({0: 0.15, 3: 0.35})
+
+
+def test_the_contrast_verdict_reads_the_intervals_of_mesa_baseline_and_ideal():
+    from mesa_utils.analysis import contrast_verdict
+
+    def rows(rate, mesa, baseline, ideal):
+        return [{"rate": rate, "method": m, "runs": 9, "mean_%": sum(iv) / 2, "low_%": iv[0],
+                 "high_%": iv[1], "worst_%": iv[1]}
+                for m, iv in (("mesa_mixture", mesa), ("mesa beta=0.9", (0, 99)),
+                              ("baseline", baseline), ("ideal", ideal))]
+    means = pd.DataFrame(rows(0.1, (4, 6), (7, 11), (3, 5)) + rows(0.025, (15, 25), (14, 30),
+                                                                   (7, 10)))
+    verdict = contrast_verdict(means).set_index("rate")
+    assert list(verdict.index) == [0.025, 0.1]
+    assert verdict.loc[0.1, "finding"] == "MESA lower" and verdict.loc[0.1, "gap_points"] == 4
+    assert not verdict.loc[0.1, "both_above_ideal"]            # MESA's 4-6 reaches the ideal's
+    assert verdict.loc[0.025, "finding"] == "overlap" and verdict.loc[0.025, "both_above_ideal"]
+    assert verdict.loc[0.025, "baseline_mean"] == 22 and verdict.loc[0.025, "ideal_high"] == 10
+    worse = contrast_verdict(pd.DataFrame(rows(0.1, (12, 14), (7, 11), (3, 5))))
+    assert worse.finding.tolist() == ["baseline lower"]
+    with pytest.raises(ValueError, match=r"rate 0.025: the contrast needs rows for \['ideal'\]"):
+        contrast_verdict(means[means.method != "ideal"])
