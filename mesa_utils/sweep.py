@@ -19,10 +19,9 @@ import sys
 import traceback
 
 from .config import make_config
-from .store import write_json
 from .train import clean_model, progress, setup
 from .units import (KINDS, PIPELINE, add_run_arguments, config_from_arguments, pending_triggers,
-                    unit_folder, unit_path, unit_record)
+                    unit_folder, unit_path, unit_record, write_unit)
 
 
 def _unit_task(profile: str, overrides: dict, trigger: int, threads: int, kind: str) -> dict:
@@ -68,7 +67,7 @@ def run_sweep(profile: str, overrides: dict | None = None, workers: int | None =
             ready, _ = ray.wait(list(running), num_returns=1)
             trigger = running.pop(ready[0])
             try:
-                write_json(unit_path(folder, trigger), ray.get(ready[0]))
+                write_unit(unit_path(folder, trigger), ray.get(ready[0]), cfg, kind)
                 result["done"].append(trigger)
             except Exception as error:      # one unit's failure must not stop the others
                 log = unit_path(folder, trigger).with_suffix(".error.txt")

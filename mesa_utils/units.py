@@ -170,23 +170,58 @@ def screens(cfg, outputs: str | None = None) -> list:
                    other, SCREEN, f"{base}-seed{other.seed}-target{other.target}")]
 
 
+# Row fields that may hold -1: "not applicable" (protocols.screen_rows: a trigger whose inversion
+# is one of its rotations or flips has no inverted relative).
+NOT_APPLICABLE = {"inverted_asr", "symmetry_max_asr"}
+
+
+def _row_problem(row) -> str | None:
+    """Why a table row cannot be a unit's (a non-finite number, or a share outside [0, 1]:
+    a field named *asr* or *accuracy*), else None."""
+    if not isinstance(row, dict):
+        return f"a row is {type(row).__name__}, not an object"
+    for field, value in row.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):
+            return f"{field} is {value}"
+        share = "asr" in field or "accuracy" in field
+        if share and not 0 <= value <= 1 and not (field in NOT_APPLICABLE and value == -1):
+            return f"{field} is {value}, outside [0, 1]"
+    return None
+
+
 def read_unit(path: Path, cfg, kind=None) -> dict | None:
     """The unit file at `path` if it exists and belongs to `cfg`, else None when it does not
-    exist. A file of another config (or not a unit file) raises ValueError naming it."""
-    path = Path(path)
+    exist. A file of another config or kind, of another trigger than its name says, without
+    the kind's tables, or with a non-finite number or a share outside [0, 1] in a row raises
+    ValueError naming it and what is wrong."""
+    path, kind = Path(path), kind or PIPELINE
     if not path.exists():
         return None
     try:
         unit = json.loads(path.read_text())
-        key = unit["config_key"]
+        key, trigger, tables = unit["config_key"], unit["trigger"], unit["tables"]
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path} is not a unit result ({error}); move it away to run the "
                          "unit again") from None
     if key != config_key(cfg, kind):
         raise ValueError(f"{path} holds a unit of another config or kind (key {key}, this "
-                         f"run's {(kind or PIPELINE).name} units {config_key(cfg, kind)}); it "
-                         "is not overwritten: choose another outputs folder or move the file "
-                         "away")
+                         f"run's {kind.name} units {config_key(cfg, kind)}); it is not "
+                         "overwritten: choose another outputs folder or move the file away")
+    if path.name != unit_path(path.parent, trigger).name:
+        raise ValueError(f"{path} holds trigger {trigger}'s unit, not the one its name says "
+                         "(copied or renamed?): move it away to run the unit again")
+    for name in kind.table_names:
+        rows = tables.get(name) if isinstance(tables, dict) else None
+        if not isinstance(rows, list) or not rows:
+            raise ValueError(f"{path} has no rows of table {name!r}: it was not written by a "
+                             f"{kind.name} unit of this code; move it away to run it again")
+        problem = next(filter(None, map(_row_problem, rows)), None)
+        if problem:
+            raise ValueError(f"{path}: in table {name!r}, {problem}; a unit never writes "
+                             "that, so the file was edited or damaged: move it away to run "
+                             "the unit again")
     return unit
 
 
@@ -211,12 +246,23 @@ def unit_record(ctx, trigger: int, kind=None) -> dict:
             "seconds": round(time.time() - start, 1), "tables": tables}
 
 
+def write_unit(path: Path, record: dict, cfg, kind=None) -> Path:
+    """Write a unit's record to `path` unless a file got there first (another process that
+    ran the same unit): that one is kept when it is this config's, refused (read_unit's
+    ValueError) when it is another's. A unit file is never replaced."""
+    try:
+        write_json(path, record, replace=False)
+    except FileExistsError:
+        read_unit(path, cfg, kind)
+    return path
+
+
 def run_unit(ctx, trigger: int, folder: Path, kind=None) -> Path:
     """Run one trigger's unit (resuming from the store) and write its file; returns the path.
     A finished unit of the same config is left as it is."""
     path = unit_path(folder, trigger)
     if read_unit(path, ctx.cfg, kind) is None:
-        write_json(path, unit_record(ctx, trigger, kind))
+        write_unit(path, unit_record(ctx, trigger, kind), ctx.cfg, kind)
     return path
 
 
