@@ -178,6 +178,9 @@ if [[ ! -x $VENV/bin/python || ! -f $STAMP || $(cat "$STAMP") != "$WANT" ]]; the
     echo "$WANT" > "$STAMP"
 fi
 export PATH=$VENV/bin:$PATH
+# This checkout's mesa_utils, also when the environment was made by another checkout (a copied
+# or moved clone, or MESA_VENV): its mesa_repo.pth names that one, and PYTHONPATH comes first.
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 
 if [[ $MODE == test ]]; then
     export MESA_PROFILE=smoke

@@ -158,6 +158,19 @@ def test_run_all_keeps_the_last_complete_notebook_when_a_run_fails(tmp_path):
     assert not partial.exists() and "smoke" in final.read_text()
 
 
+def test_run_all_runs_its_own_checkouts_code_in_an_environment_another_made(tmp_path):
+    venv = ready_venv()          # made by the repository's checkout: its .pth names that one
+    runs = repo_copy(tmp_path, {})
+    (tmp_path / "mesa_utils").mkdir()
+    (tmp_path / "mesa_utils" / "__init__.py").write_text("WHERE = 'the copy'\n")
+    notebook = tiny_notebook()
+    notebook["cells"][1]["source"] = "import mesa_utils\nprint(mesa_utils.WHERE)"
+    (tmp_path / "notebooks" / "01_tiny.ipynb").write_text(json.dumps(notebook))
+    result = run_copy(tmp_path, venv, "--profile", "smoke")
+    assert result.returncode == 0, result.stderr
+    assert "the copy" in (runs / "01_tiny.ipynb").read_text()
+
+
 # --refresh-notebooks commits outputs as those of the quick profile at HEAD; these cases also run
 # with no Python to set up with, so a faulty script stops at once (exit 1) instead of running.
 NO_PYTHON = {**os.environ, "PYTHON": "no-such-python"}
