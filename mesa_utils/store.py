@@ -134,11 +134,15 @@ def _write_bytes(data, f):
 
 
 class Store:
-    """`store.get_or_build(kind, spec, build)` returns the cached payload or builds and saves it."""
+    """`store.get_or_build(kind, spec, build)` returns the cached payload or builds and saves it.
+    Its root: `root`, else $MESA_STORE, else data/artefacts; a relative $MESA_STORE is taken
+    from the repository's root, so that a notebook (run in notebooks/) and a command (run
+    anywhere) given the same setting share one store."""
 
     def __init__(self, root=None):
-        root = root or os.environ.get("MESA_STORE") or REPO_ROOT / "data" / "artefacts"
-        self.root = Path(root)
+        if root is None and os.environ.get("MESA_STORE"):
+            root = REPO_ROOT / os.environ["MESA_STORE"]      # an absolute one stays as it is
+        self.root = Path(root or REPO_ROOT / "data" / "artefacts")
 
     def path(self, kind: str, spec: dict) -> Path:
         return self.root / kind / f"{spec_key(spec)}.pt"
