@@ -20,7 +20,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .config import HOW_FIELDS, make_config, results_dict, to_dict
+from .config import HOW_FIELDS, PROFILES, make_config, results_dict, to_dict
 from .store import REPO_ROOT, atomic_write, spec_key, write_json
 
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -75,6 +75,14 @@ class NotebookOutputs:
     published together by `publish()`."""
 
     def __init__(self, cfg, notebook: str, folder: str | None = None, root=None):
+        changed = overridden_fields(cfg) if folder in PROFILES else {}
+        if folder in PROFILES and (folder != cfg.profile or changed):
+            what = (f"overrides {', '.join(sorted(changed))}" if folder == cfg.profile
+                    else f"is of the profile {cfg.profile!r}")
+            raise ValueError(f"outputs {folder!r} is a profile's own folder, which holds the "
+                             f"outputs of that profile as configured, but this run {what}: "
+                             "leave outputs unset (the folder is then named by the config's "
+                             "hash) or choose another name")
         self.cfg, self.notebook = cfg, notebook
         self.folder = Path(root or REPO_ROOT / "figures") / output_folder(cfg, folder)
         self.staging = self.folder / f".staging-{notebook}"

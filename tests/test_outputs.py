@@ -27,6 +27,18 @@ def test_a_run_with_overrides_writes_elsewhere_unless_told():
         output_folder(steps, "../elsewhere")
 
 
+def test_a_profiles_own_folder_takes_only_that_profile_as_configured(tmp_path):
+    steps = make_config("smoke", **{"mesa.steps": 12})
+    with pytest.raises(ValueError, match="outputs 'smoke' is a profile's own folder.*overrides "
+                                         "mesa.steps"):
+        NotebookOutputs(steps, "01", "smoke", root=tmp_path)
+    with pytest.raises(ValueError, match="outputs 'quick' .* is of the profile 'smoke'"):
+        NotebookOutputs(make_config("smoke"), "01", "quick", root=tmp_path)
+    assert list(tmp_path.iterdir()) == []                  # refused before anything is made
+    assert NotebookOutputs(make_config("smoke", device="cpu"), "01", "smoke",
+                           root=tmp_path).folder == tmp_path / "smoke"
+
+
 def _run(cfg, root, value, publish=True):
     out = NotebookOutputs(cfg, "07", root=root)
     out.table(pd.DataFrame({"value": [value]}), "result")
