@@ -192,6 +192,8 @@ if [[ $SWEEP == 1 ]]; then
 fi
 
 # --- run the numbered notebooks in order --------------------------------------------------------
+# A parameter no notebook has (-p sed 1) would only be warned about and the defaults published.
+python -m mesa_utils.notebook_parameters "${NOTEBOOKS[@]}" -- "${PASSTHROUGH[@]}" || exit 2
 OUTDIR=data/runs/$PROFILE
 mkdir -p "$OUTDIR"
 START=$(date +%s)
