@@ -68,6 +68,8 @@ def run_sweep(profile: str, overrides: dict | None = None, workers: int | None =
             trigger = running.pop(ready[0])
             try:
                 write_unit(unit_path(folder, trigger), ray.get(ready[0]), cfg, kind)
+                # an earlier run's failure of this unit is no longer true
+                unit_path(folder, trigger).with_suffix(".error.txt").unlink(missing_ok=True)
                 result["done"].append(trigger)
             except Exception as error:      # one unit's failure must not stop the others
                 log = unit_path(folder, trigger).with_suffix(".error.txt")

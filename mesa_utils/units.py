@@ -199,6 +199,9 @@ def read_unit(path: Path, cfg, kind=None) -> dict | None:
     path, kind = Path(path), kind or PIPELINE
     if not path.exists():
         return None
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file (a folder?): a unit's result is one JSON file; "
+                         "move it away to run the unit again")
     try:
         unit = json.loads(path.read_text())
         key, trigger, tables = unit["config_key"], unit["trigger"], unit["tables"]

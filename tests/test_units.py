@@ -112,6 +112,12 @@ def test_ray_sweep_with_two_workers_equals_the_sequential_units_and_survives_a_f
     assert "cannot read cached" in result["failed"][second]
     assert unit_path(result["folder"], second).with_suffix(".error.txt").exists()
     assert merge_units(broken, result["folder"])["missing"] == [second]
+    # Repaired, the rerun finishes it, and the failure's traceback goes with the failure.
+    (store / "backdoor" / f"{key}.pt").unlink()
+    fixed = run_sweep("smoke", {**CPU, "attack.epochs": 2}, workers=2, outputs="broken",
+                      root=tmp_path)
+    assert fixed["done"] == [second] and not fixed["failed"]
+    assert not unit_path(result["folder"], second).with_suffix(".error.txt").exists()
 
 
 def test_a_random_colour_trigger_set_runs_through_the_same_units(tmp_path, store):
@@ -265,3 +271,11 @@ def test_a_unit_written_while_another_process_finished_it_first_is_never_replace
     kept = same.read_bytes()
     write_unit(same, ours, cfg, SCREEN)
     assert same.read_bytes() == kept and [p.name for p in folder.iterdir()] == ["unit_0.json"]
+
+
+def test_a_folder_where_a_unit_file_belongs_is_refused_naming_it(tmp_path):
+    from mesa_utils.units import SCREEN
+    cfg = make_config("smoke", **{"protocols.screen_triggers": (0,)})
+    (tmp_path / "screen" / "unit_0.json").mkdir(parents=True)
+    with pytest.raises(ValueError, match="unit_0.json is not a file"):
+        pending_triggers(cfg, tmp_path / "screen", SCREEN)
