@@ -159,6 +159,15 @@ if [[ $MODE == run && $ONLY_GIVEN == 1 ]]; then
     NOTEBOOKS=("${CHOSEN[@]}")
 fi
 
+# Two runs in one checkout would share the staging folders and partial notebooks (and the set-up
+# of .venv): one at a time. The lock goes with this process, however it ends.
+if [[ $MODE == run ]] && command -v flock >/dev/null; then
+    mkdir -p data
+    exec 9>data/.run_all.lock
+    flock -n 9 || {
+        echo "error: another ./run_all.sh is running in this checkout (it holds data/.run_all.lock); wait for it to end, or run from another clone" >&2; exit 2; }
+fi
+
 # --- environment: a virtual environment from requirements.txt, reused while it matches -------
 PYTHON=${PYTHON:-python3}
 # 3.11 at least: diffusers (SampDetox, notebook 06) needs it; 3.12 at most: every pin has wheels.

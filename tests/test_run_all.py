@@ -204,6 +204,19 @@ def test_the_parameter_check_reads_every_form_papermill_takes(tmp_path):
     assert passed_parameters(["-y", "overrides: {"]) == {}     # papermill reports it itself
 
 
+def test_run_all_refuses_to_run_beside_another_run_in_the_same_checkout(tmp_path):
+    import fcntl
+    venv = ready_venv()
+    runs = repo_copy(tmp_path, {"01_tiny.ipynb": tiny_notebook()})
+    with open(tmp_path / "data" / ".run_all.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)          # the other run
+        refused = run_copy(tmp_path, venv, "--profile", "smoke")
+    assert refused.returncode == 2 and "another ./run_all.sh is running" in refused.stderr
+    assert list(runs.iterdir()) == []
+    done = run_copy(tmp_path, venv, "--profile", "smoke")        # released: it runs
+    assert done.returncode == 0, done.stderr
+
+
 # --refresh-notebooks commits outputs as those of the quick profile at HEAD; these cases also run
 # with no Python to set up with, so a faulty script stops at once (exit 1) instead of running.
 NO_PYTHON = {**os.environ, "PYTHON": "no-such-python"}
