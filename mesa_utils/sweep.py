@@ -19,6 +19,7 @@ import sys
 import traceback
 
 from .config import make_config
+from .data import load_cifar
 from .train import clean_model, progress, setup
 from .units import (KINDS, PIPELINE, add_run_arguments, config_from_arguments, pending_triggers,
                     unit_folder, unit_path, unit_record, write_unit)
@@ -45,12 +46,13 @@ def run_sweep(profile: str, overrides: dict | None = None, workers: int | None =
     kind = kind or PIPELINE
     cfg = make_config(profile, **overrides)
     folder = unit_folder(cfg, outputs, root, kind)
-    todo = pending_triggers(cfg, folder, kind)
+    cifar = load_cifar(cfg.dataset)         # its fingerprint: finished units must share it
+    todo = pending_triggers(cfg, folder, kind, cifar.fingerprint)
     skipped = [t for t in kind.triggers(cfg) if t not in todo]
     result = {"folder": folder, "done": [], "skipped": skipped, "failed": {}}
     if not todo:
         return result
-    clean_model(setup(cfg))      # shared by every unit: built once, before they start
+    clean_model(setup(cfg, cifar=cifar))     # shared by every unit: built before they start
     # The driver's bar counts units; the stages' own bars inside workers would interleave.
     quiet = {"env_vars": {"TQDM_DISABLE": "1"}}
     if address:

@@ -31,6 +31,7 @@ import pandas as pd
 
 from .config import (BlendedConfig, ProtocolsConfig, SampDetoxConfig, StudyConfig,
                      VisualizationConfig, make_config, results_dict, to_dict)
+from .data import load_cifar
 from .defense import compare_defenses, neural_cleanse_row
 from .mesa import detect_target, staircase_bank
 from .outputs import code_version, output_folder
@@ -191,11 +192,12 @@ def _row_problem(row) -> str | None:
     return None
 
 
-def read_unit(path: Path, cfg, kind=None) -> dict | None:
+def read_unit(path: Path, cfg, kind=None, fingerprint: str | None = None) -> dict | None:
     """The unit file at `path` if it exists and belongs to `cfg`, else None when it does not
-    exist. A file of another config or kind, of another trigger than its name says, without
-    the kind's tables, or with a non-finite number or a share outside [0, 1] in a row raises
-    ValueError naming it and what is wrong."""
+    exist. A file of another config or kind, of another trigger than its name says, made from
+    other data than `fingerprint` (when given; files from before units recorded it pass),
+    without the kind's tables, or with a non-finite number or a share outside [0, 1] in a row
+    raises ValueError naming it and what is wrong."""
     path, kind = Path(path), kind or PIPELINE
     if not path.exists():
         return None
@@ -212,6 +214,11 @@ def read_unit(path: Path, cfg, kind=None) -> dict | None:
         raise ValueError(f"{path} holds a unit of another config or kind (key {key}, this "
                          f"run's {kind.name} units {config_key(cfg, kind)}); it is not "
                          "overwritten: choose another outputs folder or move the file away")
+    made_from = unit.get("data_fingerprint")
+    if fingerprint is not None and made_from is not None and made_from != fingerprint:
+        raise ValueError(f"{path} was made from other data (fingerprint {made_from[:12]}, this "
+                         f"run's {fingerprint[:12]}): its rows would not be this data's; "
+                         "choose another outputs folder or move the file away")
     if path.name != unit_path(path.parent, trigger).name:
         raise ValueError(f"{path} holds trigger {trigger}'s unit, not the one its name says "
                          "(copied or renamed?): move it away to run the unit again")
@@ -228,21 +235,25 @@ def read_unit(path: Path, cfg, kind=None) -> dict | None:
     return unit
 
 
-def pending_triggers(cfg, folder: Path, kind=None) -> list:
+def pending_triggers(cfg, folder: Path, kind=None, fingerprint: str | None = None) -> list:
     """The kind's triggers (cfg.triggers for the pipeline) without a finished unit file in
-    `folder` (files of another config raise)."""
+    `folder` (files of another config raise; with `fingerprint`, so do files made from other
+    data)."""
     kind = kind or PIPELINE
-    return [t for t in kind.triggers(cfg) if read_unit(unit_path(folder, t), cfg, kind) is None]
+    return [t for t in kind.triggers(cfg)
+            if read_unit(unit_path(folder, t), cfg, kind, fingerprint) is None]
 
 
 def unit_record(ctx, trigger: int, kind=None) -> dict:
     """One trigger's unit result: the kind's tables (unit_tables for the pipeline) with the
-    config, its key, the code version, when it finished and how long it took."""
+    kind, the config, its key, the fingerprint of the data it ran on, the code version, when it
+    finished and how long it took."""
     kind = kind or PIPELINE
     start = time.time()
     tables = kind.tables(ctx, trigger)
-    return {"trigger": trigger, "config": to_dict(ctx.cfg),
+    return {"trigger": trigger, "kind": kind.name, "config": to_dict(ctx.cfg),
             "config_key": config_key(ctx.cfg, kind),
+            "data_fingerprint": ctx.splits.fingerprint,
             **code_version(),
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds"),
@@ -256,7 +267,7 @@ def write_unit(path: Path, record: dict, cfg, kind=None) -> Path:
     try:
         write_json(path, record, replace=False)
     except FileExistsError:
-        read_unit(path, cfg, kind)
+        read_unit(path, cfg, kind, record.get("data_fingerprint"))
     return path
 
 
@@ -264,7 +275,7 @@ def run_unit(ctx, trigger: int, folder: Path, kind=None) -> Path:
     """Run one trigger's unit (resuming from the store) and write its file; returns the path.
     A finished unit of the same config is left as it is."""
     path = unit_path(folder, trigger)
-    if read_unit(path, ctx.cfg, kind) is None:
+    if read_unit(path, ctx.cfg, kind, ctx.splits.fingerprint) is None:
         write_unit(path, unit_record(ctx, trigger, kind), ctx.cfg, kind)
     return path
 
@@ -288,9 +299,11 @@ def run_units(cfg, outputs: str | None = None, root=None, kind=None, deadline=No
     would not finish by then, judged by the slowest unit so far (unit_seconds before the
     first), and say which were left for a later run."""
     folder = unit_folder(cfg, outputs, root, kind)
-    todo = [t for t in pending_triggers(cfg, folder, kind) if t in check_only(cfg, kind, only)]
+    cifar = load_cifar(cfg.dataset)         # its fingerprint: finished units must share it
+    todo = [t for t in pending_triggers(cfg, folder, kind, cifar.fingerprint)
+            if t in check_only(cfg, kind, only)]
     if todo:
-        ctx = setup(cfg)
+        ctx = setup(cfg, cifar=cifar)
         clean_model(ctx)
         slowest = unit_seconds
         for done, trigger in enumerate(progress(todo, f"{(kind or PIPELINE).name} units "

@@ -279,3 +279,19 @@ def test_a_folder_where_a_unit_file_belongs_is_refused_naming_it(tmp_path):
     (tmp_path / "screen" / "unit_0.json").mkdir(parents=True)
     with pytest.raises(ValueError, match="unit_0.json is not a file"):
         pending_triggers(cfg, tmp_path / "screen", SCREEN)
+
+
+def test_units_made_from_other_data_are_refused_not_merged(tmp_path, store):
+    from mesa_utils.data import load_cifar
+    from mesa_utils.units import SCREEN
+    cfg = make_config("smoke", **CPU, **{"protocols.screen_triggers": (0,)})
+    folder = unit_folder(cfg, root=tmp_path, kind=SCREEN)
+    path = _fabricated_unit(folder, cfg, 0, SCREEN)
+    assert run_units(cfg, root=tmp_path, kind=SCREEN) == folder    # no fingerprint: kept
+    unit = json.loads(path.read_text())
+    path.write_text(json.dumps({**unit, "data_fingerprint": "0" * 64}))
+    with pytest.raises(ValueError, match="unit_0.json was made from other data"):
+        run_units(cfg, root=tmp_path, kind=SCREEN)
+    path.write_text(json.dumps({**unit, "data_fingerprint": load_cifar("cifar10").fingerprint}))
+    run_units(cfg, root=tmp_path, kind=SCREEN)                     # this data's: kept as it is
+    assert json.loads(path.read_text())["tables"] == unit["tables"]
