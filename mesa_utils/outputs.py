@@ -57,14 +57,20 @@ def output_folder(cfg, folder: str | None = None) -> str:
     return folder
 
 
+# What makes the results: a change here, uncommitted, means the commit did not make them
+# (run_all.sh's CODE_PATHS is the same list; tests/test_outputs.py holds the two together).
+CODE_PATHS = ("mesa_utils", "notebooks", "requirements.txt", "run_all.sh")
+
+
 def code_version() -> dict:
-    """The repository's commit and whether tracked files had uncommitted changes."""
+    """The repository's commit and whether the code (CODE_PATHS; not figures or the README,
+    which runs write and edit) had uncommitted changes."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
                               timeout=30).stdout.strip()
     try:
         commit = git("rev-parse", "HEAD") or None
-        changed = bool(git("status", "--porcelain", "--untracked-files=no"))
+        changed = bool(git("status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS))
     except (OSError, subprocess.SubprocessError):   # no git: say so rather than guess
         return {"commit": None, "uncommitted_changes": None}
     return {"commit": commit, "uncommitted_changes": changed if commit else None}
