@@ -159,6 +159,15 @@ if [[ $MODE == run && $ONLY_GIVEN == 1 ]]; then
     NOTEBOOKS=("${CHOSEN[@]}")
 fi
 
+# Two runs in one checkout would share the staging folders and partial notebooks (and the set-up
+# of .venv): one at a time. The lock goes with this process, however it ends.
+if [[ $MODE == run ]] && command -v flock >/dev/null; then
+    mkdir -p data
+    exec 9>data/.run_all.lock
+    flock -n 9 || {
+        echo "error: another ./run_all.sh is running in this checkout (it holds data/.run_all.lock); wait for it to end, or run from another clone" >&2; exit 2; }
+fi
+
 # --- environment: a virtual environment from requirements.txt, reused while it matches -------
 PYTHON=${PYTHON:-python3}
 # 3.11 at least: diffusers (SampDetox, notebook 06) needs it; 3.12 at most: every pin has wheels.
@@ -178,6 +187,9 @@ if [[ ! -x $VENV/bin/python || ! -f $STAMP || $(cat "$STAMP") != "$WANT" ]]; the
     echo "$WANT" > "$STAMP"
 fi
 export PATH=$VENV/bin:$PATH
+# This checkout's mesa_utils, also when the environment was made by another checkout (a copied
+# or moved clone, or MESA_VENV): its mesa_repo.pth names that one, and PYTHONPATH comes first.
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 
 if [[ $MODE == test ]]; then
     export MESA_PROFILE=smoke
@@ -189,6 +201,8 @@ if [[ $SWEEP == 1 ]]; then
 fi
 
 # --- run the numbered notebooks in order --------------------------------------------------------
+# A parameter no notebook has (-p sed 1) would only be warned about and the defaults published.
+python -m mesa_utils.notebook_parameters "${NOTEBOOKS[@]}" -- "${PASSTHROUGH[@]}" || exit 2
 OUTDIR=data/runs/$PROFILE
 mkdir -p "$OUTDIR"
 START=$(date +%s)

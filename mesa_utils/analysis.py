@@ -343,6 +343,38 @@ def screen_agreement(first: pd.Series, second: pd.Series, resamples: int = 10_00
             "top_overlap_p": overlap_p_value(overlap, k, n)}
 
 
+# MESA's variant that the contrast compares with the baseline, fixed before any contrast run:
+# the mixture over the staircase, 04's headline method.
+CONTRAST_MESA = "mesa_mixture"
+
+
+def contrast_verdict(means: pd.DataFrame) -> pd.DataFrame:
+    """Per rate of a protocols.mean_table by rate and method (ASR in %, 95% intervals):
+    CONTRAST_MESA against the baseline, beside the ideal defence. finding: "MESA lower" when
+    MESA's interval lies wholly below the baseline's, "baseline lower" when wholly above, else
+    "overlap"; gap_points: baseline mean minus MESA mean; both_above_ideal: both methods'
+    intervals lie wholly above the ideal's (both leave backdoor that the true trigger removes)."""
+    rows = []
+    for rate, part in means.groupby("rate", sort=True):
+        by = part.set_index("method")
+        missing = {CONTRAST_MESA, "baseline", "ideal"} - set(by.index)
+        if missing:
+            raise ValueError(f"rate {rate:g}: the contrast needs rows for {sorted(missing)}")
+        mesa, baseline, ideal = by.loc[CONTRAST_MESA], by.loc["baseline"], by.loc["ideal"]
+        finding = ("MESA lower" if mesa["high_%"] < baseline["low_%"] else
+                   "baseline lower" if mesa["low_%"] > baseline["high_%"] else "overlap")
+        rows.append({"rate": rate, "mesa": CONTRAST_MESA,
+                     **{f"{name}_{column}": float(row[f"{column}_%"])
+                        for name, row in (("mesa", mesa), ("baseline", baseline),
+                                          ("ideal", ideal))
+                        for column in ("mean", "low", "high")},
+                     "gap_points": float(baseline["mean_%"] - mesa["mean_%"]),
+                     "finding": finding,
+                     "both_above_ideal": bool(min(mesa["low_%"], baseline["low_%"])
+                                              > ideal["high_%"])})
+    return pd.DataFrame(rows)
+
+
 def held_out_series(name: str, table: pd.DataFrame) -> dict:
     """{screen: held-out ASR per trigger (mean over its rows, in [0, 1])} of one set of screen
     units named `name`; the same-build set (rows with a `repeat` column) holds two screens:

@@ -8,6 +8,7 @@ applies validated overrides, e.g. `make_config("quick", triggers=(170,), **{"mes
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass
 
 PROFILES = ("smoke", "quick", "paper")
@@ -270,12 +271,15 @@ def _paper() -> Config:
                   save_retrained=False)
 
 
-def make_config(profile: str | None = None, **overrides) -> Config:
+def make_config(profile: str | None = None, /, **overrides) -> Config:
     """The named profile (default: $MESA_PROFILE, else "quick") with `overrides` applied.
 
     Overrides name a field (`triggers=(170,)`) or a field of a section (`**{"mesa.steps": 50}`).
     Unknown names, wrong types and invalid values raise ValueError.
     """
+    if "profile" in overrides:
+        raise ValueError("profile is not an override: choose it with make_config's profile "
+                         "(the notebooks' `profile` parameter, run_all.sh's --profile)")
     profile = profile or os.environ.get("MESA_PROFILE") or "quick"
     builders = {"smoke": _smoke, "quick": _quick, "paper": _paper}
     if profile not in builders:
@@ -306,6 +310,10 @@ def notebook_config(profile: str | None, overrides: dict, **parameters) -> Confi
     """make_config for a notebook's parameters cell: its named parameters (`triggers`,
     `target`, ...; None keeps the profile's value) and `overrides` (any other field). A field
     given both ways raises ValueError instead of silently taking one of them."""
+    if not isinstance(overrides, dict):
+        raise ValueError(f"overrides must be a mapping of config fields to values, e.g. -y "
+                         f"'overrides: {{\"mesa.steps\": 50}}', got {type(overrides).__name__} "
+                         f"{overrides!r}")
     both = sorted(name for name, value in parameters.items()
                   if value is not None and name in overrides)
     if both:
@@ -325,6 +333,8 @@ def _replace(obj, name, value, prefix=""):
     if isinstance(current, tuple) and isinstance(value, list):
         value = tuple(value)
     elif isinstance(current, float) and type(value) is int:
+        if abs(value) > INT64_MAX:          # 10**400 has no float: OverflowError otherwise
+            raise ValueError(f"{prefix}{name} must be a finite number, got {value!r}")
         value = float(value)
     if type(value) is not type(current):
         raise ValueError(f"config field {prefix}{name} must be {type(current).__name__}, "
@@ -354,6 +364,9 @@ class Rule:
         if not self.accepts(value):
             reason = f" ({self.why})" if self.why else ""
             raise ValueError(f"{name} must be {self}, got {value!r}{reason}")
+
+
+INT64_MAX = 2 ** 63 - 1      # torch's seeds and sizes are int64
 
 
 @dataclass(frozen=True)
@@ -390,7 +403,13 @@ class Range(Rule):
             return False
         if self.integer and not isinstance(value, int):
             return False
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not isinstance(value, (int, float)):
+            return False
+        # An int is finite, but one beyond int64 fits no tensor, seed or float (10**400 would
+        # overflow math.isfinite itself): refused whatever the bound.
+        if isinstance(value, int) and abs(value) > INT64_MAX:
+            return False
+        if isinstance(value, float) and not math.isfinite(value):
             return False
         # Each comparison states what a valid value satisfies, so a NaN (for which every
         # comparison is False) would fail here too, not slip through a negated test.
@@ -432,10 +451,11 @@ class TriggerId(Rule):
     fields by _check_trigger_ids."""
 
     def __str__(self):
-        return "a trigger id (an integer >= 0)"
+        return "a trigger id (an integer in [0, 2^63 - 1])"
 
     def accepts(self, value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        return isinstance(value, int) and not isinstance(value, bool) and \
+            0 <= value <= INT64_MAX
 
 
 def _check_trigger_ids(cfg) -> None:
@@ -460,23 +480,15 @@ def _check_trigger_ids(cfg) -> None:
 
 @dataclass(frozen=True)
 class DeviceName(Rule):
-    """"auto" or any string torch.device() parses. Whether that device exists (e.g. CUDA) is
-    checked when it is used (train.get_device), so configs stay buildable on any machine."""
+    """"auto", "cpu", "cuda" or "cuda:N": the devices this code runs on. Whether the device
+    exists (e.g. CUDA) is checked when it is used (train.get_device), so configs stay
+    buildable on any machine."""
 
     def __str__(self):
-        return "'auto' or a torch device such as 'cpu', 'cuda', 'cuda:1'"
+        return "'auto', 'cpu', 'cuda' or 'cuda:N' (N a GPU's index)"
 
     def accepts(self, value) -> bool:
-        import torch
-        if not isinstance(value, str):
-            return False
-        if value == "auto":
-            return True
-        try:
-            torch.device(value)
-        except RuntimeError:            # e.g. "Invalid device string: 'gpu!'"
-            return False
-        return True
+        return isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is not None
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .config import HOW_FIELDS, make_config, results_dict, to_dict
+from .config import HOW_FIELDS, PROFILES, make_config, results_dict, to_dict
 from .store import REPO_ROOT, atomic_write, spec_key, write_json
 
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -57,14 +57,20 @@ def output_folder(cfg, folder: str | None = None) -> str:
     return folder
 
 
+# What makes the results: a change here, uncommitted, means the commit did not make them
+# (run_all.sh's CODE_PATHS is the same list; tests/test_outputs.py holds the two together).
+CODE_PATHS = ("mesa_utils", "notebooks", "requirements.txt", "run_all.sh")
+
+
 def code_version() -> dict:
-    """The repository's commit and whether tracked files had uncommitted changes."""
+    """The repository's commit and whether the code (CODE_PATHS; not figures or the README,
+    which runs write and edit) had uncommitted changes."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
                               timeout=30).stdout.strip()
     try:
         commit = git("rev-parse", "HEAD") or None
-        changed = bool(git("status", "--porcelain", "--untracked-files=no"))
+        changed = bool(git("status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS))
     except (OSError, subprocess.SubprocessError):   # no git: say so rather than guess
         return {"commit": None, "uncommitted_changes": None}
     return {"commit": commit, "uncommitted_changes": changed if commit else None}
@@ -75,6 +81,14 @@ class NotebookOutputs:
     published together by `publish()`."""
 
     def __init__(self, cfg, notebook: str, folder: str | None = None, root=None):
+        changed = overridden_fields(cfg) if folder in PROFILES else {}
+        if folder in PROFILES and (folder != cfg.profile or changed):
+            what = (f"overrides {', '.join(sorted(changed))}" if folder == cfg.profile
+                    else f"is of the profile {cfg.profile!r}")
+            raise ValueError(f"outputs {folder!r} is a profile's own folder, which holds the "
+                             f"outputs of that profile as configured, but this run {what}: "
+                             "leave outputs unset (the folder is then named by the config's "
+                             "hash) or choose another name")
         self.cfg, self.notebook = cfg, notebook
         self.folder = Path(root or REPO_ROOT / "figures") / output_folder(cfg, folder)
         self.staging = self.folder / f".staging-{notebook}"

@@ -245,6 +245,16 @@ def screen_triggers(cfg) -> tuple:
     return cfg.protocols.screen_triggers or BW_TRIGGER_IDS
 
 
+def hardest_triggers(screen, k: int = 3) -> list:
+    """The k triggers of a screen table (screen_rows rows) whose attack planted a backdoor
+    (asr_before >= PLANTED_ASR) with the largest mean held-out ASR after the retraining, ties
+    broken by the lower id: the held-out images choose, the eval split never does."""
+    planted = screen[screen.asr_before >= PLANTED_ASR]
+    ranking = planted.groupby("trigger").holdout_asr.mean().reset_index()
+    ranking = ranking.sort_values(["holdout_asr", "trigger"], ascending=[False, True])
+    return [int(t) for t in ranking.trigger[:k]]
+
+
 def repeat_triggers(cfg) -> tuple:
     """The triggers the retraining replicate of the screen covers: every third of
     screen_triggers in id order (17 of the 51); a short screen (12 or fewer, as smoke's) whole.

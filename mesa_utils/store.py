@@ -90,10 +90,12 @@ def remove_stale_temporaries(folder) -> list:
     return removed
 
 
-def atomic_write(path, write) -> Path:
+def atomic_write(path, write, replace: bool = True) -> Path:
     """Call write(binary file) on a temporary file beside `path`, flush it to disk, then
     rename it into place (and flush the folder): readers never see a half-written file, an
-    interrupted write leaves none behind once the next write into the folder has run."""
+    interrupted write leaves none behind once the next write into the folder has run.
+    replace=False never replaces a file already at `path` (FileExistsError), even one another
+    process put there a moment before: the temporary file is hard-linked into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent)
@@ -105,7 +107,11 @@ def atomic_write(path, write) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)              # atomic, and fails if `path` exists
+            Path(tmp).unlink()
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -117,10 +123,10 @@ def atomic_write(path, write) -> Path:
     return path
 
 
-def write_json(path, obj) -> Path:
+def write_json(path, obj, replace: bool = True) -> Path:
     """Write `obj` as indented JSON to `path`, atomically (see atomic_write)."""
     text = json.dumps(obj, indent=1, default=str).encode()
-    return atomic_write(path, functools.partial(_write_bytes, text))
+    return atomic_write(path, functools.partial(_write_bytes, text), replace)
 
 
 def _write_bytes(data, f):
@@ -128,11 +134,15 @@ def _write_bytes(data, f):
 
 
 class Store:
-    """`store.get_or_build(kind, spec, build)` returns the cached payload or builds and saves it."""
+    """`store.get_or_build(kind, spec, build)` returns the cached payload or builds and saves it.
+    Its root: `root`, else $MESA_STORE, else data/artefacts; a relative $MESA_STORE is taken
+    from the repository's root, so that a notebook (run in notebooks/) and a command (run
+    anywhere) given the same setting share one store."""
 
     def __init__(self, root=None):
-        root = root or os.environ.get("MESA_STORE") or REPO_ROOT / "data" / "artefacts"
-        self.root = Path(root)
+        if root is None and os.environ.get("MESA_STORE"):
+            root = REPO_ROOT / os.environ["MESA_STORE"]      # an absolute one stays as it is
+        self.root = Path(root or REPO_ROOT / "data" / "artefacts")
 
     def path(self, kind: str, spec: dict) -> Path:
         return self.root / kind / f"{spec_key(spec)}.pt"

@@ -19,10 +19,10 @@ import sys
 import traceback
 
 from .config import make_config
-from .store import write_json
+from .data import load_cifar
 from .train import clean_model, progress, setup
 from .units import (KINDS, PIPELINE, add_run_arguments, config_from_arguments, pending_triggers,
-                    unit_folder, unit_path, unit_record)
+                    unit_folder, unit_path, unit_record, write_unit)
 
 
 def _unit_task(profile: str, overrides: dict, trigger: int, threads: int, kind: str) -> dict:
@@ -46,12 +46,13 @@ def run_sweep(profile: str, overrides: dict | None = None, workers: int | None =
     kind = kind or PIPELINE
     cfg = make_config(profile, **overrides)
     folder = unit_folder(cfg, outputs, root, kind)
-    todo = pending_triggers(cfg, folder, kind)
+    cifar = load_cifar(cfg.dataset)         # its fingerprint: finished units must share it
+    todo = pending_triggers(cfg, folder, kind, cifar.fingerprint)
     skipped = [t for t in kind.triggers(cfg) if t not in todo]
     result = {"folder": folder, "done": [], "skipped": skipped, "failed": {}}
     if not todo:
         return result
-    clean_model(setup(cfg))      # shared by every unit: built once, before they start
+    clean_model(setup(cfg, cifar=cifar))     # shared by every unit: built before they start
     # The driver's bar counts units; the stages' own bars inside workers would interleave.
     quiet = {"env_vars": {"TQDM_DISABLE": "1"}}
     if address:
@@ -68,7 +69,9 @@ def run_sweep(profile: str, overrides: dict | None = None, workers: int | None =
             ready, _ = ray.wait(list(running), num_returns=1)
             trigger = running.pop(ready[0])
             try:
-                write_json(unit_path(folder, trigger), ray.get(ready[0]))
+                write_unit(unit_path(folder, trigger), ray.get(ready[0]), cfg, kind)
+                # an earlier run's failure of this unit is no longer true
+                unit_path(folder, trigger).with_suffix(".error.txt").unlink(missing_ok=True)
                 result["done"].append(trigger)
             except Exception as error:      # one unit's failure must not stop the others
                 log = unit_path(folder, trigger).with_suffix(".error.txt")

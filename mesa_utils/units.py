@@ -31,6 +31,7 @@ import pandas as pd
 
 from .config import (BlendedConfig, ProtocolsConfig, SampDetoxConfig, StudyConfig,
                      VisualizationConfig, make_config, results_dict, to_dict)
+from .data import load_cifar
 from .defense import compare_defenses, neural_cleanse_row
 from .mesa import detect_target, staircase_bank
 from .outputs import code_version, output_folder
@@ -134,6 +135,13 @@ def other_model_config(cfg):
     return dataclasses.replace(cfg, seed=cfg.seed + 1, target=(cfg.target + 1) % 10)
 
 
+def contrast_config(cfg, triggers):
+    """cfg for the contrast units on `triggers`: 07's exposure comparison at the screen's rate
+    (protocols.screen_rate, the paper's exposure) and at the profile's (defense.poison_rate)."""
+    return dataclasses.replace(cfg, triggers=tuple(triggers), protocols=dataclasses.replace(
+        cfg.protocols, exposure_rates=(cfg.protocols.screen_rate, cfg.defense.poison_rate)))
+
+
 @dataclass(frozen=True)
 class Screen:
     """One screen of notebook 08: its name, what it changes against the original, and where
@@ -163,53 +171,112 @@ def screens(cfg, outputs: str | None = None) -> list:
                    other, SCREEN, f"{base}-seed{other.seed}-target{other.target}")]
 
 
-def read_unit(path: Path, cfg, kind=None) -> dict | None:
+# Row fields that may hold -1: "not applicable" (protocols.screen_rows: a trigger whose inversion
+# is one of its rotations or flips has no inverted relative).
+NOT_APPLICABLE = {"inverted_asr", "symmetry_max_asr"}
+
+
+def _row_problem(row) -> str | None:
+    """Why a table row cannot be a unit's (a non-finite number, or a share outside [0, 1]:
+    a field named *asr* or *accuracy*), else None."""
+    if not isinstance(row, dict):
+        return f"a row is {type(row).__name__}, not an object"
+    for field, value in row.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):
+            return f"{field} is {value}"
+        share = "asr" in field or "accuracy" in field
+        if share and not 0 <= value <= 1 and not (field in NOT_APPLICABLE and value == -1):
+            return f"{field} is {value}, outside [0, 1]"
+    return None
+
+
+def read_unit(path: Path, cfg, kind=None, fingerprint: str | None = None) -> dict | None:
     """The unit file at `path` if it exists and belongs to `cfg`, else None when it does not
-    exist. A file of another config (or not a unit file) raises ValueError naming it."""
-    path = Path(path)
+    exist. A file of another config or kind, of another trigger than its name says, made from
+    other data than `fingerprint` (when given; files from before units recorded it pass),
+    without the kind's tables, or with a non-finite number or a share outside [0, 1] in a row
+    raises ValueError naming it and what is wrong."""
+    path, kind = Path(path), kind or PIPELINE
     if not path.exists():
         return None
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file (a folder?): a unit's result is one JSON file; "
+                         "move it away to run the unit again")
     try:
         unit = json.loads(path.read_text())
-        key = unit["config_key"]
+        key, trigger, tables = unit["config_key"], unit["trigger"], unit["tables"]
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path} is not a unit result ({error}); move it away to run the "
                          "unit again") from None
     if key != config_key(cfg, kind):
         raise ValueError(f"{path} holds a unit of another config or kind (key {key}, this "
-                         f"run's {(kind or PIPELINE).name} units {config_key(cfg, kind)}); it "
-                         "is not overwritten: choose another outputs folder or move the file "
-                         "away")
+                         f"run's {kind.name} units {config_key(cfg, kind)}); it is not "
+                         "overwritten: choose another outputs folder or move the file away")
+    made_from = unit.get("data_fingerprint")
+    if fingerprint is not None and made_from is not None and made_from != fingerprint:
+        raise ValueError(f"{path} was made from other data (fingerprint {made_from[:12]}, this "
+                         f"run's {fingerprint[:12]}): its rows would not be this data's; "
+                         "choose another outputs folder or move the file away")
+    if path.name != unit_path(path.parent, trigger).name:
+        raise ValueError(f"{path} holds trigger {trigger}'s unit, not the one its name says "
+                         "(copied or renamed?): move it away to run the unit again")
+    for name in kind.table_names:
+        rows = tables.get(name) if isinstance(tables, dict) else None
+        if not isinstance(rows, list) or not rows:
+            raise ValueError(f"{path} has no rows of table {name!r}: it was not written by a "
+                             f"{kind.name} unit of this code; move it away to run it again")
+        problem = next(filter(None, map(_row_problem, rows)), None)
+        if problem:
+            raise ValueError(f"{path}: in table {name!r}, {problem}; a unit never writes "
+                             "that, so the file was edited or damaged: move it away to run "
+                             "the unit again")
     return unit
 
 
-def pending_triggers(cfg, folder: Path, kind=None) -> list:
+def pending_triggers(cfg, folder: Path, kind=None, fingerprint: str | None = None) -> list:
     """The kind's triggers (cfg.triggers for the pipeline) without a finished unit file in
-    `folder` (files of another config raise)."""
+    `folder` (files of another config raise; with `fingerprint`, so do files made from other
+    data)."""
     kind = kind or PIPELINE
-    return [t for t in kind.triggers(cfg) if read_unit(unit_path(folder, t), cfg, kind) is None]
+    return [t for t in kind.triggers(cfg)
+            if read_unit(unit_path(folder, t), cfg, kind, fingerprint) is None]
 
 
 def unit_record(ctx, trigger: int, kind=None) -> dict:
     """One trigger's unit result: the kind's tables (unit_tables for the pipeline) with the
-    config, its key, the code version, when it finished and how long it took."""
+    kind, the config, its key, the fingerprint of the data it ran on, the code version, when it
+    finished and how long it took."""
     kind = kind or PIPELINE
     start = time.time()
     tables = kind.tables(ctx, trigger)
-    return {"trigger": trigger, "config": to_dict(ctx.cfg),
+    return {"trigger": trigger, "kind": kind.name, "config": to_dict(ctx.cfg),
             "config_key": config_key(ctx.cfg, kind),
+            "data_fingerprint": ctx.splits.fingerprint,
             **code_version(),
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds"),
             "seconds": round(time.time() - start, 1), "tables": tables}
 
 
+def write_unit(path: Path, record: dict, cfg, kind=None) -> Path:
+    """Write a unit's record to `path` unless a file got there first (another process that
+    ran the same unit): that one is kept when it is this config's, refused (read_unit's
+    ValueError) when it is another's. A unit file is never replaced."""
+    try:
+        write_json(path, record, replace=False)
+    except FileExistsError:
+        read_unit(path, cfg, kind, record.get("data_fingerprint"))
+    return path
+
+
 def run_unit(ctx, trigger: int, folder: Path, kind=None) -> Path:
     """Run one trigger's unit (resuming from the store) and write its file; returns the path.
     A finished unit of the same config is left as it is."""
     path = unit_path(folder, trigger)
-    if read_unit(path, ctx.cfg, kind) is None:
-        write_json(path, unit_record(ctx, trigger, kind))
+    if read_unit(path, ctx.cfg, kind, ctx.splits.fingerprint) is None:
+        write_unit(path, unit_record(ctx, trigger, kind), ctx.cfg, kind)
     return path
 
 
@@ -232,9 +299,11 @@ def run_units(cfg, outputs: str | None = None, root=None, kind=None, deadline=No
     would not finish by then, judged by the slowest unit so far (unit_seconds before the
     first), and say which were left for a later run."""
     folder = unit_folder(cfg, outputs, root, kind)
-    todo = [t for t in pending_triggers(cfg, folder, kind) if t in check_only(cfg, kind, only)]
+    cifar = load_cifar(cfg.dataset)         # its fingerprint: finished units must share it
+    todo = [t for t in pending_triggers(cfg, folder, kind, cifar.fingerprint)
+            if t in check_only(cfg, kind, only)]
     if todo:
-        ctx = setup(cfg)
+        ctx = setup(cfg, cifar=cifar)
         clean_model(ctx)
         slowest = unit_seconds
         for done, trigger in enumerate(progress(todo, f"{(kind or PIPELINE).name} units "

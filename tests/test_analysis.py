@@ -205,7 +205,8 @@ def test_screen_agreement_on_rankings_with_known_answers():
     same = screen_agreement(first, first * 0.5 + 0.1)       # a monotone map: the same ranking
     assert same["triggers"] == 51 and same["rho"] == pytest.approx(1)
     assert same["rho_low"] == pytest.approx(1) and same["top_k"] == 10
-    assert same["top_overlap"] == 10 and same["top_overlap_p"] == pytest.approx(1 / math.comb(51, 10))
+    assert same["top_overlap"] == 10
+    assert same["top_overlap_p"] == pytest.approx(1 / math.comb(51, 10))
     reversed_ = screen_agreement(first, -first)
     assert reversed_["rho"] == pytest.approx(-1) and reversed_["top_overlap"] == 0
     assert reversed_["top_overlap_p"] == 1
@@ -265,3 +266,25 @@ def test_the_same_build_units_hold_two_screens():
     assert series["retraining"].to_dict() == {0: 0.2, 3: 0.4}
     plain = held_out_series("attack seed", rows.drop(columns="repeat"))
     assert plain["attack seed"].to_dict() == pytest.approx({0: 0.15, 3: 0.35})
+
+
+def test_the_contrast_verdict_reads_the_intervals_of_mesa_baseline_and_ideal():
+    from mesa_utils.analysis import contrast_verdict
+
+    def rows(rate, mesa, baseline, ideal):
+        return [{"rate": rate, "method": m, "runs": 9, "mean_%": sum(iv) / 2, "low_%": iv[0],
+                 "high_%": iv[1], "worst_%": iv[1]}
+                for m, iv in (("mesa_mixture", mesa), ("mesa beta=0.9", (0, 99)),
+                              ("baseline", baseline), ("ideal", ideal))]
+    means = pd.DataFrame(rows(0.1, (4, 6), (7, 11), (3, 5)) + rows(0.025, (15, 25), (14, 30),
+                                                                   (7, 10)))
+    verdict = contrast_verdict(means).set_index("rate")
+    assert list(verdict.index) == [0.025, 0.1]
+    assert verdict.loc[0.1, "finding"] == "MESA lower" and verdict.loc[0.1, "gap_points"] == 4
+    assert not verdict.loc[0.1, "both_above_ideal"]            # MESA's 4-6 reaches the ideal's
+    assert verdict.loc[0.025, "finding"] == "overlap" and verdict.loc[0.025, "both_above_ideal"]
+    assert verdict.loc[0.025, "baseline_mean"] == 22 and verdict.loc[0.025, "ideal_high"] == 10
+    worse = contrast_verdict(pd.DataFrame(rows(0.1, (12, 14), (7, 11), (3, 5))))
+    assert worse.finding.tolist() == ["baseline lower"]
+    with pytest.raises(ValueError, match=r"rate 0.025: the contrast needs rows for \['ideal'\]"):
+        contrast_verdict(means[means.method != "ideal"])

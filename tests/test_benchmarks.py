@@ -18,8 +18,8 @@ def test_there_are_benchmarks_to_run():
 @pytest.mark.parametrize("script", BENCHMARKS, ids=lambda p: p.stem)
 def test_each_benchmark_runs_with_smoke_and_prints_its_ratio(script):
     root = script.parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root),
-                                                                     os.environ.get("PYTHONPATH")]))}
+    paths = [str(root), os.environ.get("PYTHONPATH")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
     result = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True,
                             text=True, timeout=300, cwd=root, env=env)
     assert result.returncode == 0, result.stderr[-2000:]

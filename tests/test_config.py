@@ -79,8 +79,8 @@ INVALID = [
     ({"mesa.batch_size": 0}, "mesa.batch_size must be an integer >= 2, got 0"),
     ({"attack.lr": -0.1}, "attack.lr must be > 0 and finite, got -0.1"),
     ({"triggers": []}, "triggers must be a non-empty tuple of distinct values, each a "
-                       "trigger id (an integer >= 0), got ()"),
-    ({"triggers": [-1]}, "triggers[0] must be a trigger id (an integer >= 0), got -1"),
+                       "trigger id (an integer in [0, 2^63 - 1]), got ()"),
+    ({"triggers": [-1]}, "triggers[0] must be a trigger id (an integer in [0, 2^63 - 1]), got -1"),
     ({"trigger_set": "colour"}, "trigger_set must be one of 'black_white', 'random_colour', "
                                 "got 'colour'"),
     ({"triggers": [170, 170]}, "got (170, 170): 170 repeats"),
@@ -104,9 +104,9 @@ INVALID = [
                                "it is the same trigger as 0"),
     ({"visualization.triggers": [6]}, "visualization.triggers[0] must be a canonical trigger id"),
     ({"seed": -1}, "seed must be an integer >= 0, got -1"),
-    ({"device": "gpu!"}, "device must be 'auto' or a torch device such as 'cpu', 'cuda', "
-                         "'cuda:1', got 'gpu!'"),
-    ({"device": ""}, "device must be 'auto' or a torch device"),
+    ({"device": "gpu!"}, "device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (N a GPU's index), "
+                         "got 'gpu!'"),
+    ({"device": ""}, "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
     ({"amp": "maybe"}, "amp must be one of 'auto', 'on', 'off', got 'maybe'"),
     ({"eval_batch_size": 0}, "eval_batch_size must be an integer >= 1, got 0"),
     ({"detection.threshold": 0.0}, "detection.threshold must be in (0, 1), got 0.0"),
@@ -199,6 +199,14 @@ INVALID = [
     ({"sampdetox.channels": [8] * 7}, "sampdetox.channels must hold 2 to 6 widths"),
     ({"sampdetox.eval_images": 257}, "sampdetox.eval_images must be an integer in [0, 256]"),
     ({"sampdetox.ema_decay": 1.0}, "sampdetox.ema_decay must be in [0, 1), got 1.0"),
+    # beyond int64 (no tensor, seed or float holds it): refused, whatever the field's bound
+    ({"seed": 2 ** 64}, "seed must be an integer >= 0, got 18446744073709551616"),
+    ({"width": 10 ** 400}, "width must be an integer >= 1"),
+    ({"mesa.lr": 10 ** 400}, "mesa.lr must be a finite number, got 1000"),
+    ({"trigger_set": "random_colour", "triggers": (2 ** 64,)},
+     "triggers[0] must be a trigger id (an integer in [0, 2^63 - 1])"),
+    ({"device": "meta"}, "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    ({"device": "mps"}, "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
 ]
 
 
@@ -284,6 +292,17 @@ def test_every_profile_passes_every_rule(profile):
 ])
 def test_values_at_the_limits_are_accepted(overrides):
     make_config("smoke", **overrides)
+
+
+def test_overrides_that_are_no_mapping_or_name_the_profile_are_clear_errors():
+    with pytest.raises(ValueError, match="profile is not an override: choose it with"):
+        make_config("smoke", profile="quick")
+    with pytest.raises(ValueError, match="profile is not an override"):
+        notebook_config("smoke", {"profile": "quick"})
+    for overrides in ('{"mesa.steps": 5}', [1, 2]):        # -p overrides '{...}', -y '[1, 2]'
+        with pytest.raises(ValueError, match="overrides must be a mapping of config fields"):
+            notebook_config("smoke", overrides)
+    assert make_config("smoke", device="cuda:1").device == "cuda:1"   # built anywhere
 
 
 def test_notebook_parameters_and_overrides_combine_and_never_collide_silently():

@@ -27,6 +27,18 @@ def test_a_run_with_overrides_writes_elsewhere_unless_told():
         output_folder(steps, "../elsewhere")
 
 
+def test_a_profiles_own_folder_takes_only_that_profile_as_configured(tmp_path):
+    steps = make_config("smoke", **{"mesa.steps": 12})
+    with pytest.raises(ValueError, match="outputs 'smoke' is a profile's own folder.*overrides "
+                                         "mesa.steps"):
+        NotebookOutputs(steps, "01", "smoke", root=tmp_path)
+    with pytest.raises(ValueError, match="outputs 'quick' .* is of the profile 'smoke'"):
+        NotebookOutputs(make_config("smoke"), "01", "quick", root=tmp_path)
+    assert list(tmp_path.iterdir()) == []                  # refused before anything is made
+    assert NotebookOutputs(make_config("smoke", device="cpu"), "01", "smoke",
+                           root=tmp_path).folder == tmp_path / "smoke"
+
+
 def _run(cfg, root, value, publish=True):
     out = NotebookOutputs(cfg, "07", root=root)
     out.table(pd.DataFrame({"value": [value]}), "result")
@@ -56,3 +68,31 @@ def test_a_failed_run_leaves_the_previous_outputs_intact(tmp_path):
     _run(cfg, tmp_path, 3)                                  # the next run clears the leftovers
     assert pd.read_csv(folder / "07_result.csv").value.tolist() == [3]
     assert not failed.staging.exists()
+
+
+def test_the_code_that_stamps_results_is_one_list_in_python_and_in_run_all():
+    import re
+    from pathlib import Path
+    from mesa_utils.outputs import CODE_PATHS
+    script = (Path(__file__).parents[1] / "run_all.sh").read_text()
+    listed = re.search(r"^CODE_PATHS=\((.*)\)$", script, re.M).group(1).split()
+    assert tuple(listed) == CODE_PATHS
+
+
+def test_figures_and_the_readme_do_not_count_as_uncommitted_code(tmp_path, monkeypatch):
+    import subprocess
+    from mesa_utils import outputs
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+    git("init", "-q")
+    for name in ("README.md", "figures/a.csv", "mesa_utils/x.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("1")
+    git("add", ".")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "c")
+    monkeypatch.setattr(outputs, "REPO_ROOT", tmp_path)
+    (tmp_path / "README.md").write_text("2")
+    (tmp_path / "figures" / "a.csv").write_text("2")
+    assert outputs.code_version()["uncommitted_changes"] is False
+    (tmp_path / "mesa_utils" / "x.py").write_text("2")
+    assert outputs.code_version()["uncommitted_changes"] is True

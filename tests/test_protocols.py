@@ -196,3 +196,23 @@ def test_the_retraining_replicate_screens_every_third_trigger_by_id():
     assert len(protocols.repeat_triggers(quick)) == 17
     smoke = make_config("smoke")        # a short screen is replicated whole
     assert protocols.repeat_triggers(smoke) == protocols.screen_triggers(smoke)
+
+
+def test_the_hardest_triggers_are_planted_and_ranked_on_held_out_images():
+    screen = pd.DataFrame({"trigger": [5, 9, 2, 7, 1],
+                           "asr_before": [0.99, 0.95, 0.5, 0.97, 0.98],     # 2 never planted
+                           "holdout_asr": [0.20, 0.30, 0.90, 0.30, 0.10],
+                           "asr_after": [0.9, 0.0, 0.9, 0.0, 0.9]})        # never read
+    assert protocols.hardest_triggers(screen, 3) == [7, 9, 5]              # a tie: the lower id
+
+
+def test_the_contrast_units_key_is_the_command_lines():
+    from mesa_utils.units import CONTRAST, config_key, contrast_config, other_model_config
+    quick = make_config("quick")
+    cfg = contrast_config(other_model_config(quick), [27, 114, 69])
+    assert cfg.protocols.exposure_rates == (quick.protocols.screen_rate,
+                                            quick.defense.poison_rate) == (0.025, 0.1)
+    typed = make_config("quick", seed=1, target=1, triggers=(27, 114, 69),
+                        **{"protocols.exposure_rates": (0.025, 0.1)})
+    assert config_key(cfg, CONTRAST) == config_key(typed, CONTRAST)
+    assert config_key(cfg, CONTRAST) != config_key(typed)          # the kind is in the key

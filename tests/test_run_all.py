@@ -84,9 +84,12 @@ def ready_venv():
 
 
 def repo_copy(tmp_path, notebooks):
-    """run_all.sh, requirements.txt and the given notebooks in a temporary repository."""
+    """run_all.sh, requirements.txt, mesa_utils and the given notebooks in a temporary
+    repository."""
     shutil.copy(RUN_ALL, tmp_path)
     shutil.copy(REPO / "requirements.txt", tmp_path)
+    shutil.copytree(REPO / "mesa_utils", tmp_path / "mesa_utils",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / "notebooks").mkdir()
     for name, source in notebooks.items():
         if isinstance(source, Path):
@@ -158,6 +161,62 @@ def test_run_all_keeps_the_last_complete_notebook_when_a_run_fails(tmp_path):
     assert not partial.exists() and "smoke" in final.read_text()
 
 
+def test_run_all_runs_its_own_checkouts_code_in_an_environment_another_made(tmp_path):
+    venv = ready_venv()          # made by the repository's checkout: its .pth names that one
+    runs = repo_copy(tmp_path, {})
+    with open(tmp_path / "mesa_utils" / "__init__.py", "a") as marker:
+        marker.write("WHERE = 'the copy'\n")
+    notebook = tiny_notebook()
+    notebook["cells"][1]["source"] = "import mesa_utils\nprint(mesa_utils.WHERE)"
+    (tmp_path / "notebooks" / "01_tiny.ipynb").write_text(json.dumps(notebook))
+    result = run_copy(tmp_path, venv, "--profile", "smoke")
+    assert result.returncode == 0, result.stderr
+    assert "the copy" in (runs / "01_tiny.ipynb").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-p", "sed", "1"], "-p sed: 01_tiny.ipynb has no parameter 'sed' (its parameters: fail, "
+                         "profile); papermill would ignore it"),
+    (["-y", "{fail: true, seeed: 2}"], "-y seeed: 01_tiny.ipynb has no parameter 'seeed'"),
+    (["-p", "profile", "quick"], "-p profile: set it with run_all.sh's --profile"),
+    (["-p", "fail"], "papermill options -p fail: -p needs 2 value(s)"),
+])
+def test_run_all_refuses_parameters_the_notebooks_do_not_have_before_any_run(tmp_path, args,
+                                                                            message):
+    venv = ready_venv()
+    runs = repo_copy(tmp_path, {"01_tiny.ipynb": tiny_notebook()})
+    result = run_copy(tmp_path, venv, "--profile", "smoke", *args)
+    assert result.returncode == 2 and f"error: {message}" in result.stderr
+    assert list(runs.iterdir()) == [] and "=== 01_tiny" not in result.stdout
+
+
+def test_the_parameter_check_reads_every_form_papermill_takes(tmp_path):
+    from mesa_utils.notebook_parameters import notebook_parameters, passed_parameters
+    import base64
+    path = tmp_path / "nb.ipynb"
+    path.write_text(json.dumps(tiny_notebook()))
+    assert notebook_parameters(path) == {"profile", "fail"}
+    (tmp_path / "p.yaml").write_text("seed: 1\n")
+    options = ["--cwd", "notebooks", "-p", "a", "1", "--parameters=b", "2", "-r", "c", "x",
+               "-y", "d: 1", "--log-output", "-f", str(tmp_path / "p.yaml"),
+               "-b", base64.b64encode(b"e: 2").decode(), "--kernel=python3"]
+    assert sorted(passed_parameters(options)) == ["a", "b", "c", "d", "e", "seed"]
+    assert passed_parameters(["-y", "overrides: {"]) == {}     # papermill reports it itself
+
+
+def test_run_all_refuses_to_run_beside_another_run_in_the_same_checkout(tmp_path):
+    import fcntl
+    venv = ready_venv()
+    runs = repo_copy(tmp_path, {"01_tiny.ipynb": tiny_notebook()})
+    with open(tmp_path / "data" / ".run_all.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)          # the other run
+        refused = run_copy(tmp_path, venv, "--profile", "smoke")
+    assert refused.returncode == 2 and "another ./run_all.sh is running" in refused.stderr
+    assert list(runs.iterdir()) == []
+    done = run_copy(tmp_path, venv, "--profile", "smoke")        # released: it runs
+    assert done.returncode == 0, done.stderr
+
+
 # --refresh-notebooks commits outputs as those of the quick profile at HEAD; these cases also run
 # with no Python to set up with, so a faulty script stops at once (exit 1) instead of running.
 NO_PYTHON = {**os.environ, "PYTHON": "no-such-python"}
@@ -193,18 +252,17 @@ def test_run_all_refresh_needs_the_code_committed(tmp_path):
     assert outside.returncode == 2
     assert "--refresh-notebooks needs a git checkout" in outside.stderr
     git(tmp_path, "init", "-q")
-    git(tmp_path, "add", "run_all.sh", "requirements.txt", "notebooks")
+    git(tmp_path, "add", "run_all.sh", "requirements.txt", "notebooks", "mesa_utils")
     git(tmp_path, "commit", "-q", "-m", "code")
     clean = refresh()       # passes every check, then stops at the set-up: no Python
     assert clean.returncode == 1 and "error: no-such-python not found" in clean.stderr
     (tmp_path / "notebooks" / "01_tiny.ipynb").write_text(json.dumps(tiny_notebook(), indent=2))
-    (tmp_path / "mesa_utils").mkdir()
     (tmp_path / "mesa_utils" / "new.py").write_text("")
     dirty = refresh()
     assert dirty.returncode == 2
     assert ("--refresh-notebooks needs a clean tree; commit your changes first: the stamp names "
             "the commit whose code made the outputs") in dirty.stderr
-    assert " M notebooks/01_tiny.ipynb" in dirty.stderr and "?? mesa_utils/" in dirty.stderr
+    assert " M notebooks/01_tiny.ipynb" in dirty.stderr and "?? mesa_utils/new.py" in dirty.stderr
 
 
 def test_run_all_refresh_puts_stamped_quick_outputs_into_the_committed_notebooks(tmp_path):
@@ -213,8 +271,6 @@ def test_run_all_refresh_puts_stamped_quick_outputs_into_the_committed_notebooks
     notebook["cells"][0]["source"] = "profile = None"
     notebook["cells"][1]["source"] = "import os\nprint(profile, os.environ.get('TQDM_DISABLE'))"
     repo_copy(tmp_path, {"01_tiny.ipynb": notebook})
-    shutil.copytree(REPO / "mesa_utils", tmp_path / "mesa_utils",
-                    ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / ".gitignore").write_text("/data/\n")
     git(tmp_path, "init", "-q")
     git(tmp_path, "add", ".")

@@ -1,6 +1,7 @@
 """The artefact store: keys change with every hyperparameter, writes are atomic, stale files
 are refused with a clear error."""
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -138,3 +139,25 @@ def test_artefact_from_another_spec_is_refused(tmp_path):
     store.path("demo", {"stage": "a"}).rename(store.path("demo", {"stage": "b"}))
     with pytest.raises(StaleCacheError, match="different spec"):
         store.load("demo", {"stage": "b"})
+
+
+def test_a_write_that_must_not_replace_refuses_an_existing_file_and_leaves_no_temporary(tmp_path):
+    from mesa_utils.store import write_json
+    path = write_json(tmp_path / "unit.json", {"first": 1}, replace=False)
+    with pytest.raises(FileExistsError):
+        write_json(path, {"second": 2}, replace=False)
+    assert json.loads(path.read_text()) == {"first": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["unit.json"]
+    write_json(path, {"third": 3})                          # the default replaces
+    assert json.loads(path.read_text()) == {"third": 3}
+
+
+def test_a_relative_store_setting_means_one_folder_wherever_the_code_runs(tmp_path, monkeypatch):
+    from mesa_utils.store import REPO_ROOT
+    monkeypatch.setenv("MESA_STORE", "data/other-store")
+    for where in (tmp_path, REPO_ROOT / "notebooks"):       # a command's folder, a notebook's
+        monkeypatch.chdir(where)
+        assert Store().root == REPO_ROOT / "data" / "other-store"
+    monkeypatch.setenv("MESA_STORE", str(tmp_path / "abs"))
+    assert Store().root == tmp_path / "abs"
+    assert Store(tmp_path / "given").root == tmp_path / "given"

@@ -112,6 +112,12 @@ def test_ray_sweep_with_two_workers_equals_the_sequential_units_and_survives_a_f
     assert "cannot read cached" in result["failed"][second]
     assert unit_path(result["folder"], second).with_suffix(".error.txt").exists()
     assert merge_units(broken, result["folder"])["missing"] == [second]
+    # Repaired, the rerun finishes it, and the failure's traceback goes with the failure.
+    (store / "backdoor" / f"{key}.pt").unlink()
+    fixed = run_sweep("smoke", {**CPU, "attack.epochs": 2}, workers=2, outputs="broken",
+                      root=tmp_path)
+    assert fixed["done"] == [second] and not fixed["failed"]
+    assert not unit_path(result["folder"], second).with_suffix(".error.txt").exists()
 
 
 def test_a_random_colour_trigger_set_runs_through_the_same_units(tmp_path, store):
@@ -200,3 +206,92 @@ def test_screen_replicates_are_kinds_of_their_own_over_the_same_models(tmp_path,
     with pytest.raises(ValueError, match="repeat 2 needs baseline starts 2 to 2.*baseline.starts"
                                          " is 2"):
         screen_rows(ctx, 0, repeat=2)
+
+
+def _fabricated_unit(folder, cfg, trigger, kind, **row):
+    """A unit file as a unit of `kind` writes it, with one row of each table."""
+    from mesa_utils.units import unit_path
+    folder.mkdir(parents=True, exist_ok=True)
+    tables = {name: [{"trigger": trigger, "asr_after": 0.1, "inverted_asr": -1.0, **row}]
+              for name in kind.table_names}
+    path = unit_path(folder, trigger)
+    path.write_text(json.dumps({"trigger": trigger, "config_key": config_key(cfg, kind),
+                                "tables": tables}))
+    return path
+
+
+@pytest.mark.parametrize("damage, message", [
+    ({"asr_after": float("nan")}, "asr_after is nan"),
+    ({"asr_after": 7.5}, "asr_after is 7.5, outside"),
+    ({"holdout_clean_accuracy": -0.2}, "holdout_clean_accuracy is -0.2, outside"),
+    ({"symmetry_max_asr": -2.0}, "symmetry_max_asr is -2.0, outside"),
+    ({"seconds": float("inf")}, "seconds is inf"),
+])
+def test_an_edited_unit_file_is_refused_on_read_naming_the_field(tmp_path, damage, message):
+    from mesa_utils.units import SCREEN
+    cfg = make_config("smoke", **{"protocols.screen_triggers": (0, 7)})
+    folder = tmp_path / "screen"
+    _fabricated_unit(folder, cfg, 0, SCREEN)                 # sound: -1 is "not applicable"
+    assert merge_units(cfg, folder, SCREEN)["missing"] == [7]
+    _fabricated_unit(folder, cfg, 7, SCREEN, **damage)
+    with pytest.raises(ValueError, match=f"unit_7.json: in table 'screen', {message}"):
+        merge_units(cfg, folder, SCREEN)
+    with pytest.raises(ValueError, match="edited or damaged"):
+        pending_triggers(cfg, folder, SCREEN)
+
+
+def test_a_unit_file_copied_onto_another_trigger_or_without_rows_is_refused(tmp_path):
+    from mesa_utils.units import SCREEN
+    cfg = make_config("smoke", **{"protocols.screen_triggers": (0, 7)})
+    folder = tmp_path / "screen"
+    source = _fabricated_unit(folder, cfg, 0, SCREEN)
+    (folder / "unit_7.json").write_text(source.read_text())          # cp unit_0 unit_7
+    with pytest.raises(ValueError, match="unit_7.json holds trigger 0's unit, not the one"):
+        merge_units(cfg, folder, SCREEN)
+    unit = json.loads(source.read_text())
+    (folder / "unit_7.json").write_text(json.dumps({**unit, "trigger": 7,
+                                                    "tables": {"screen": []}}))
+    with pytest.raises(ValueError, match="unit_7.json has no rows of table 'screen'"):
+        pending_triggers(cfg, folder, SCREEN)
+
+
+def test_a_unit_written_while_another_process_finished_it_first_is_never_replaced(tmp_path):
+    from mesa_utils.units import SCREEN, write_unit
+    cfg = make_config("smoke", **{"protocols.screen_triggers": (0,)})
+    other = make_config("smoke", **{"protocols.screen_rate": 0.5})
+    folder = tmp_path / "screen"
+    theirs = _fabricated_unit(folder, other, 0, SCREEN)     # B got there first, another config
+    before = theirs.read_bytes()
+    ours = {"trigger": 0, "config_key": config_key(cfg, SCREEN),
+            "tables": {"screen": [{"trigger": 0, "asr_after": 0.2}]}}
+    with pytest.raises(ValueError, match="another config or kind"):
+        write_unit(theirs, ours, cfg, SCREEN)
+    assert theirs.read_bytes() == before
+    same = _fabricated_unit(folder, cfg, 0, SCREEN)         # the same config's: kept as it is
+    kept = same.read_bytes()
+    write_unit(same, ours, cfg, SCREEN)
+    assert same.read_bytes() == kept and [p.name for p in folder.iterdir()] == ["unit_0.json"]
+
+
+def test_a_folder_where_a_unit_file_belongs_is_refused_naming_it(tmp_path):
+    from mesa_utils.units import SCREEN
+    cfg = make_config("smoke", **{"protocols.screen_triggers": (0,)})
+    (tmp_path / "screen" / "unit_0.json").mkdir(parents=True)
+    with pytest.raises(ValueError, match="unit_0.json is not a file"):
+        pending_triggers(cfg, tmp_path / "screen", SCREEN)
+
+
+def test_units_made_from_other_data_are_refused_not_merged(tmp_path, store):
+    from mesa_utils.data import load_cifar
+    from mesa_utils.units import SCREEN
+    cfg = make_config("smoke", **CPU, **{"protocols.screen_triggers": (0,)})
+    folder = unit_folder(cfg, root=tmp_path, kind=SCREEN)
+    path = _fabricated_unit(folder, cfg, 0, SCREEN)
+    assert run_units(cfg, root=tmp_path, kind=SCREEN) == folder    # no fingerprint: kept
+    unit = json.loads(path.read_text())
+    path.write_text(json.dumps({**unit, "data_fingerprint": "0" * 64}))
+    with pytest.raises(ValueError, match="unit_0.json was made from other data"):
+        run_units(cfg, root=tmp_path, kind=SCREEN)
+    path.write_text(json.dumps({**unit, "data_fingerprint": load_cifar("cifar10").fingerprint}))
+    run_units(cfg, root=tmp_path, kind=SCREEN)                     # this data's: kept as it is
+    assert json.loads(path.read_text())["tables"] == unit["tables"]
