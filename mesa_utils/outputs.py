@@ -21,7 +21,7 @@ import subprocess
 from pathlib import Path
 
 from .config import HOW_FIELDS, PROFILES, make_config, results_dict, to_dict
-from .store import REPO_ROOT, atomic_write, spec_key, write_json
+from .store import REPO_ROOT, atomic_write, shown, spec_key, write_json
 
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -94,6 +94,10 @@ class NotebookOutputs:
         self.staging = self.folder / f".staging-{notebook}"
         shutil.rmtree(self.staging, ignore_errors=True)     # a failed earlier run's leftovers
         self.staging.mkdir(parents=True)
+
+    def __str__(self) -> str:
+        """The output folder as a notebook prints it: relative to the repository."""
+        return shown(self.folder)
 
     def _path(self, name, suffix) -> Path:
         return self.staging / f"{self.notebook}_{name}{suffix}"

@@ -24,6 +24,17 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shown(path) -> str:
+    """`path` relative to the repository when inside it, as printed into outputs (a committed
+    notebook carries no path of the machine that ran it); elsewhere as given."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
 # Bump when a change of code changes what a cached artefact would contain.
 STORE_VERSION = 1
 

@@ -21,7 +21,7 @@ from .config import Config, TrainConfig, to_dict
 from .data import STATS, Loader, Splits, prepare_splits, to_pixels
 from .intervals import wilson_interval
 from .models import ResNet18, ResNetBank
-from .store import REPO_ROOT, NonFiniteError, Store, spec_key
+from .store import NonFiniteError, Store, shown, spec_key
 from .triggers import BlendedTrigger, TriggerPaster, blend_pattern, poison, trigger_pattern
 
 
@@ -453,18 +453,10 @@ def state_dict_cpu(model) -> dict:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def _shown(path: Path) -> str:
-    """`path` relative to the repository when inside it (outputs carry no local paths)."""
-    try:
-        return str(Path(path).resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path)
-
-
 def describe(ctx: Context) -> str:
     """What a run uses: profile, device, autocast, data sizes, then the whole config."""
     s = ctx.splits
     head = (f"profile {ctx.cfg.profile} | device {ctx.device} | autocast {ctx.amp or 'off'} | "
             f"{s.name}: train {len(s.train_images)}, defense split {len(s.defense_images)}, "
-            f"eval split {len(s.eval_images)} | store {_shown(ctx.store.root)}")
+            f"eval split {len(s.eval_images)} | store {shown(ctx.store.root)}")
     return head + "\n" + json.dumps(to_dict(ctx.cfg), indent=1, default=str)

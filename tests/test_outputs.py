@@ -6,6 +6,7 @@ import json
 import pandas as pd
 import pytest
 
+from mesa_utils import store
 from mesa_utils.config import make_config, to_dict
 from mesa_utils.outputs import NotebookOutputs, output_folder, overridden_fields
 
@@ -96,3 +97,12 @@ def test_figures_and_the_readme_do_not_count_as_uncommitted_code(tmp_path, monke
     assert outputs.code_version()["uncommitted_changes"] is False
     (tmp_path / "mesa_utils" / "x.py").write_text("2")
     assert outputs.code_version()["uncommitted_changes"] is True
+
+
+def test_a_notebook_prints_its_folder_relative_to_the_repository(tmp_path, monkeypatch):
+    monkeypatch.setattr(store, "REPO_ROOT", tmp_path)        # a repository checked out here
+    cfg = make_config("smoke", seed=3)
+    inside = _run(cfg, tmp_path / "figures", 1, publish=False)
+    assert str(inside) == f"figures/{inside.folder.name}"
+    outside = _run(cfg, tmp_path.parent / f"{tmp_path.name}-elsewhere", 1, publish=False)
+    assert str(outside) == str(outside.folder)

@@ -9,7 +9,7 @@ import torch
 from mesa_utils.config import GeneratorConfig, make_config
 from mesa_utils.defense import retrain
 from mesa_utils.mesa import Member, bank_spec
-from mesa_utils.store import StaleCacheError, Store, spec_key
+from mesa_utils.store import REPO_ROOT, StaleCacheError, Store, shown, spec_key
 from mesa_utils.train import Backdoor, backdoor_spec, clean_spec
 
 
@@ -161,3 +161,9 @@ def test_a_relative_store_setting_means_one_folder_wherever_the_code_runs(tmp_pa
     monkeypatch.setenv("MESA_STORE", str(tmp_path / "abs"))
     assert Store().root == tmp_path / "abs"
     assert Store(tmp_path / "given").root == tmp_path / "given"
+
+
+def test_paths_are_shown_relative_to_the_repository_and_others_as_given(tmp_path):
+    assert shown(REPO_ROOT / "figures" / "quick") == "figures/quick"
+    assert shown(REPO_ROOT / "notebooks" / ".." / "data") == "data"
+    assert shown(tmp_path / "x") == str(tmp_path / "x")
