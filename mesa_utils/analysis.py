@@ -262,6 +262,25 @@ def method_label(method, beta) -> str:
     return f"mesa beta={beta:g}" if method == "mesa" else method
 
 
+# MESA's variant that every "MESA against the baseline" sentence uses (04's conclusions, 08's
+# contrast, the report), fixed before any of those ran: the uniform mixture over the
+# staircase, the paper's practical choice.
+CONTRAST_MESA = "mesa_mixture"
+
+
+# The findings of interval_finding, in words.
+FINDINGS = {"MESA lower": "MESA's interval lies below the baseline's",
+            "baseline lower": "the baseline's interval lies below MESA's",
+            "overlap": "the intervals overlap"}
+
+
+def interval_finding(mesa, baseline) -> str:
+    """"MESA lower" when MESA's 95% interval (columns low_%, high_%) lies wholly below the
+    baseline's, "baseline lower" when wholly above, else "overlap"."""
+    return ("MESA lower" if mesa["high_%"] < baseline["low_%"] else
+            "baseline lower" if mesa["low_%"] > baseline["high_%"] else "overlap")
+
+
 def summarize(df):
     """Per method: mean after-defence ASR (%) over triggers (and baseline starts) with a 95%
     bootstrap interval over its runs, the worst run, the mean clean-accuracy change (points),
@@ -286,6 +305,43 @@ def summarize(df):
                          "clean_change_pts": 100 * (part.clean_after - part.clean_before).mean(),
                          "paper": PAPER_RESULTS.get(label, "")})
     return pd.DataFrame(rows).round(2)
+
+
+def defense_conclusions(summary: pd.DataFrame) -> list:
+    """04's findings as sentences, from a summarize table: each method's mean after-defence ASR
+    with its 95% interval, CONTRAST_MESA set against the baseline and the random-patch control
+    by interval_finding, the worst runs beside the paper's contrast, the clean-accuracy cost."""
+    table = summary.set_index("method").rename(columns={
+        "mean_asr_%": "mean_%", "mean_asr_low_%": "low_%", "mean_asr_high_%": "high_%",
+        "worst_asr_%": "worst_%"})
+
+    def text(method):
+        row = table.loc[method]
+        return (f"{row['mean_%']:.1f}% [{row['low_%']:.1f}, {row['high_%']:.1f}] over "
+                f"{int(row['runs'])} runs, worst {row['worst_%']:.1f}%")
+    mesa, baseline = table.loc[CONTRAST_MESA], table.loc["baseline"]
+    others = [m for m in table.index if m.startswith("mesa") and m != CONTRAST_MESA]
+    retrained = [m for m in table.index if m not in ("before defence", "finetune",
+                                                       "random_patch")]
+    against_control = interval_finding(mesa, table.loc["random_patch"])
+    return [f"Before the defence: ASR {text('before defence')}.",
+            f"MESA's mixture (the variant every comparison uses): {text(CONTRAST_MESA)}; the "
+            "other MESA variants: " + "; ".join(
+                f"{m} {table.loc[m, 'mean_%']:.1f}%" for m in others) + ".",
+            f"One reversed trigger (baseline): {text('baseline')}.",
+            f"Neural Cleanse: {text('neural_cleanse')} at its place, "
+            f"{text('neural_cleanse_crop')} cut to its box at random places; ideal: "
+            f"{text('ideal')}.",
+            f"Controls: fine-tuning with no trigger {text('finetune')}; random 3x3 patches "
+            f"{text('random_patch')}; MESA's mixture is "
+            f"{'below' if against_control == 'MESA lower' else 'not below'} the random-patch "
+            "control (95% intervals).",
+            f"MESA's mixture against the baseline: {FINDINGS[interval_finding(mesa, baseline)]}"
+            f"; worst runs {mesa['worst_%']:.1f}% against {baseline['worst_%']:.1f}% (the "
+            "paper: MESA's at most 9.1%, the baseline's up to 51.4%).",
+            f"Clean accuracy changed by {table.loc[retrained, 'clean_change_pts'].min():+.1f} "
+            f"to {table.loc[retrained, 'clean_change_pts'].max():+.1f} points over the "
+            "retrained methods."]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,16 +399,10 @@ def screen_agreement(first: pd.Series, second: pd.Series, resamples: int = 10_00
             "top_overlap_p": overlap_p_value(overlap, k, n)}
 
 
-# MESA's variant that the contrast compares with the baseline, fixed before any contrast run:
-# the mixture over the staircase, 04's headline method.
-CONTRAST_MESA = "mesa_mixture"
-
-
 def contrast_verdict(means: pd.DataFrame) -> pd.DataFrame:
     """Per rate of a protocols.mean_table by rate and method (ASR in %, 95% intervals):
-    CONTRAST_MESA against the baseline, beside the ideal defence. finding: "MESA lower" when
-    MESA's interval lies wholly below the baseline's, "baseline lower" when wholly above, else
-    "overlap"; gap_points: baseline mean minus MESA mean; both_above_ideal: both methods'
+    CONTRAST_MESA against the baseline, beside the ideal defence. finding: interval_finding's;
+    gap_points: baseline mean minus MESA mean; both_above_ideal: both methods'
     intervals lie wholly above the ideal's (both leave backdoor that the true trigger removes)."""
     rows = []
     for rate, part in means.groupby("rate", sort=True):
@@ -361,8 +411,7 @@ def contrast_verdict(means: pd.DataFrame) -> pd.DataFrame:
         if missing:
             raise ValueError(f"rate {rate:g}: the contrast needs rows for {sorted(missing)}")
         mesa, baseline, ideal = by.loc[CONTRAST_MESA], by.loc["baseline"], by.loc["ideal"]
-        finding = ("MESA lower" if mesa["high_%"] < baseline["low_%"] else
-                   "baseline lower" if mesa["low_%"] > baseline["high_%"] else "overlap")
+        finding = interval_finding(mesa, baseline)
         rows.append({"rate": rate, "mesa": CONTRAST_MESA,
                      **{f"{name}_{column}": float(row[f"{column}_%"])
                         for name, row in (("mesa", mesa), ("baseline", baseline),

@@ -6,8 +6,9 @@ import pandas as pd
 import pytest
 import torch
 
-from mesa_utils.analysis import (ENTROPY_RESOLUTION, UnhealthyRun, detection_summary,
-                                 distinct_curve, distinct_triggers, expect, healthy_run,
+from mesa_utils.analysis import (ENTROPY_RESOLUTION, UnhealthyRun, defense_conclusions,
+                                 detection_summary, distinct_curve, distinct_triggers, expect,
+                                 healthy_run,
                                  hyperparameter_claims, knn_entropy, manifold_share,
                                  overlap_pairs, overlap_table, pca_2d, summarize, thin,
                                  validity_table)
@@ -288,3 +289,29 @@ def test_the_contrast_verdict_reads_the_intervals_of_mesa_baseline_and_ideal():
     assert worse.finding.tolist() == ["baseline lower"]
     with pytest.raises(ValueError, match=r"rate 0.025: the contrast needs rows for \['ideal'\]"):
         contrast_verdict(means[means.method != "ideal"])
+
+
+def _summary(means):
+    """A summarize-like table: method -> (mean, low, high, worst) in %."""
+    return pd.DataFrame([{"method": m, "runs": 3, "mean_asr_%": v[0], "mean_asr_low_%": v[1],
+                          "mean_asr_high_%": v[2], "worst_asr_%": v[3], "clean_change_pts": c}
+                         for c, (m, v) in enumerate(means.items())])
+
+
+def test_04s_conclusions_compare_the_fixed_mixture_not_the_best_variant():
+    means = {"before defence": (99, 98, 100, 100), "mesa beta=0.9": (1, 0.5, 1.5, 2),
+             "mesa_mixture": (5, 4, 6, 7), "baseline": (8, 7, 9, 12),
+             "neural_cleanse": (9, 8, 10, 11), "neural_cleanse_crop": (6, 5, 7, 8),
+             "ideal": (2, 1.5, 2.5, 3), "finetune": (95, 94, 96, 97),
+             "random_patch": (80, 70, 90, 92)}
+    lines = defense_conclusions(_summary(means))
+    assert lines[1].startswith("MESA's mixture (the variant every comparison uses): 5.0% "
+                               "[4.0, 6.0] over 3 runs, worst 7.0%")
+    assert "mesa beta=0.9 1.0%" in lines[1]       # the better variant is shown, not chosen
+    assert "MESA's mixture is below the random-patch control" in lines[4]
+    assert lines[5].startswith("MESA's mixture against the baseline: MESA's interval lies "
+                               "below the baseline's; worst runs 7.0% against 12.0%")
+    assert lines[6] == ("Clean accuracy changed by +1.0 to +6.0 points over the retrained "
+                        "methods.")
+    means["mesa_mixture"] = (8, 6, 10, 12)          # now overlapping the baseline's interval
+    assert "the intervals overlap" in defense_conclusions(_summary(means))[5]
