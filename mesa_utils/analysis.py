@@ -223,8 +223,48 @@ def hyperparameter_claims(cfg, settings, overlap, validity):
                          for claim, holds in checks.items()])
 
 
+def hyperparameter_findings(cfg, claims, summary, overlap, validity, staircase_validity) -> list:
+    """03's findings as sentences: each claim (hyperparameter_claims) with its count, then at
+    study.beta the spread and ASR per alpha (summary: settings aggregated per alpha and beta,
+    columns entropy, entropy_min, entropy_max, distinct, asr, mi), the precision and band
+    shares of the study's (validity) and the defence's (staircase_validity) staircases, and
+    the k-NN overlap against its two yardsticks (overlap_table)."""
+    by_alpha = summary[summary.beta == cfg.study.beta].set_index("alpha")
+    low, ref, high = min(cfg.study.alphas), cfg.mesa.alpha, max(cfg.study.alphas)
+    mean_of = overlap.groupby("comparison")[["inner_in_outer", "outer_in_inner"]].mean()
+    betas = sorted(cfg.mesa.betas)
+
+    def staircase_text(table):
+        v = table.groupby(["beta", "threshold"]).valid.mean()
+        return (", ".join(f"beta = {b:g} {100 * v[(b, b)]:.0f}%" for b in betas)
+                + "; in the band up to the next beta: "
+                + ", ".join(f"({lo:g}, {hi:g}]: {100 * (v[(lo, lo)] - v[(lo, hi)]):.0f}%"
+                            for lo, hi in zip(betas, betas[1:])))
+    return [*(f"{c.claim}: holds in **{c.holds} of {c.cases}**." for c in claims.itertuples()),
+            f"At beta = {cfg.study.beta:g} (mean over seeds, range in brackets): alpha = {low:g} "
+            f"has k-NN entropy {by_alpha.entropy[low]:.0f} nats [{by_alpha.entropy_min[low]:.0f}"
+            f", {by_alpha.entropy_max[low]:.0f}] and {by_alpha.distinct[low]:.0f} distinct "
+            f"triggers; alpha = {ref:g} {by_alpha.entropy[ref]:.0f} nats "
+            f"[{by_alpha.entropy_min[ref]:.0f}, {by_alpha.entropy_max[ref]:.0f}] and "
+            f"{by_alpha.distinct[ref]:.0f}; alpha = {high:g} {by_alpha.entropy[high]:.0f} nats "
+            f"with ASR {100 * by_alpha.asr[high]:.0f}% against {100 * by_alpha.asr[ref]:.0f}% at "
+            f"alpha = {ref:g}. Final MI estimates: " + ", ".join(
+                f"alpha = {a:g} {by_alpha.mi[a]:.2f} nats" for a in sorted(by_alpha.index)) + ".",
+            "Precision (own beta, the study's sub-models at alpha = "
+            f"{ref:g}, mean over seeds): "
+            + staircase_text(validity[validity.alpha == ref]) + ".",
+            "The defence's staircases (04's sub-models, mean over triggers): precision "
+            + staircase_text(staircase_validity) + ".",
+            f"k-NN overlap: the higher-beta samples lie in the lower-beta generator's range at "
+            f"{mean_of.inner_in_outer['staircase']:.2f} (the reverse "
+            f"{mean_of.outer_in_inner['staircase']:.2f}), against "
+            f"{mean_of.inner_in_outer['second draw']:.2f} for a second draw of one generator and "
+            f"{mean_of.loc['other seed'].max():.2f} for one setting from two seeds."]
+
+
 # ---------------------------------------------------------------------------------------------
 # Detection (02) and defence (04) summaries
+
 
 def detection_summary(detection, target: int):
     """Per trigger: the true target's ASR, the best other class's, their margin, the flagged

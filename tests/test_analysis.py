@@ -8,10 +8,9 @@ import torch
 
 from mesa_utils.analysis import (ENTROPY_RESOLUTION, UnhealthyRun, defense_conclusions,
                                  detection_summary, distinct_curve, distinct_triggers, expect,
-                                 healthy_run,
-                                 hyperparameter_claims, knn_entropy, manifold_share,
-                                 overlap_pairs, overlap_table, pca_2d, summarize, thin,
-                                 validity_table)
+                                 healthy_run, hyperparameter_claims, hyperparameter_findings,
+                                 knn_entropy, manifold_share, overlap_pairs, overlap_table,
+                                 pca_2d, summarize, thin, validity_table)
 from mesa_utils.config import make_config
 from mesa_utils.mesa import study_members
 
@@ -315,3 +314,34 @@ def test_04s_conclusions_compare_the_fixed_mixture_not_the_best_variant():
                         "methods.")
     means["mesa_mixture"] = (8, 6, 10, 12)          # now overlapping the baseline's interval
     assert "the intervals overlap" in defense_conclusions(_summary(means))[5]
+
+
+def test_03s_findings_read_the_tables_they_are_given():
+    cfg = make_config("smoke")          # alphas 0, 0.1, 10 at beta 0.8; betas 0.5, 0.8, 0.9
+    claims = pd.DataFrame([{"claim": "alpha 0 collapses", "holds": 1, "cases": 3}])
+    summary = pd.DataFrame([{"alpha": a, "beta": 0.8, "entropy": e, "entropy_min": e - 1,
+                             "entropy_max": e + 1, "distinct": d, "asr": r, "mi": mi}
+                            for a, e, d, r, mi in [(0.0, -80, 5, 0.99, 0.01),
+                                                   (0.1, -20, 40, 0.97, 1.5),
+                                                   (10.0, -5, 300, 0.30, 3.25)]])
+    # Precision 100% at each own beta; 70% of a sub-model above the next beta: 30% in the band.
+    validity = pd.DataFrame([{"alpha": 0.1, "beta": b, "threshold": t,
+                              "valid": 1.0 if t <= b else 0.7}
+                             for b in cfg.mesa.betas for t in cfg.mesa.betas])
+    staircase = validity.assign(valid=lambda v: v.valid.where(v.threshold <= v.beta, 0.9))
+    overlap = pd.DataFrame([{"comparison": c, "inner_in_outer": i, "outer_in_inner": o}
+                            for c, i, o in [("staircase", 0.95, 0.5), ("second draw", 0.9, 0.9),
+                                            ("other seed", 0.2, 0.3)]])
+    lines = hyperparameter_findings(cfg, claims, summary, overlap, validity, staircase)
+    assert lines[0] == "alpha 0 collapses: holds in **1 of 3**."
+    assert lines[1].startswith("At beta = 0.8 (mean over seeds, range in brackets): alpha = 0 "
+                               "has k-NN entropy -80 nats [-81, -79] and 5 distinct triggers; "
+                               "alpha = 0.1 -20 nats [-21, -19] and 40; alpha = 10 -5 nats "
+                               "with ASR 30% against 97% at alpha = 0.1.")
+    assert lines[1].endswith("alpha = 0 0.01 nats, alpha = 0.1 1.50 nats, alpha = 10 3.25 nats.")
+    assert lines[2].endswith("beta = 0.5 100%, beta = 0.8 100%, beta = 0.9 100%; in the band "
+                             "up to the next beta: (0.5, 0.8]: 30%, (0.8, 0.9]: 30%.")
+    assert "(0.5, 0.8]: 10%, (0.8, 0.9]: 10%." in lines[3]
+    assert lines[4] == ("k-NN overlap: the higher-beta samples lie in the lower-beta "
+                        "generator's range at 0.95 (the reverse 0.50), against 0.90 for a second "
+                        "draw of one generator and 0.30 for one setting from two seeds.")
