@@ -24,6 +24,7 @@ HEADLINE_END = "<!-- end of headline -->"
 PAPER_DETECTION = "true target >= 94.3%, other classes <= 5.8% (all 51 triggers)"
 # The methods of the headline, in its order; MESA's mixture is the variant every "MESA against
 # the baseline" sentence uses (analysis.CONTRAST_MESA, chosen before the contrast ran).
+PROFILE_BUDGET, PAPER_BUDGET = "holds (300 steps x 64)", "holds (the paper's 620 steps x 128)"
 HEADLINE_METHODS = {"mesa beta=0.9": "MESA, beta = 0.9 (the paper's Fig. 4)",
                     CONTRAST_MESA: "MESA, the staircase's mixture (Algorithm 1)",
                     "baseline": "one reversed trigger (the baseline)",
@@ -105,8 +106,38 @@ def headline(folder: Path) -> str:
               f"the paper's 51.4%. Is a trigger \"hard\" for the baseline by its pattern? The "
               f"screen's ranking follows **{verdict['follows']}**. {verdict['reading']} "
               f"Where the baseline fails most (another clean model and target, its three "
-              f"hardest triggers): {contrast}."]
+              f"hardest triggers): {contrast}.", *_budget_sentence(folder)]
     return "\n".join(lines)
+
+
+def claims_by_budget(folder: Path):
+    """(03's claims of figures/<folder> with the same notebook's at the paper's generator
+    budget beside them when figures/<folder>-paper-generators holds them, that folder or None).
+    Columns: claim, holds at the profile's budget, holds at the paper's (when run), cases."""
+    folder = Path(folder)
+    claims = table(folder, "03_claims").rename(columns={"holds": PROFILE_BUDGET})
+    budget = folder.parent / f"{folder.name}-paper-generators"
+    if not (budget / "03_claims.csv").exists():
+        return claims, None
+    paper = table(budget, "03_claims").rename(columns={"holds": PAPER_BUDGET})
+    if paper.claim.tolist() != claims.claim.tolist() or paper.cases.tolist() != claims.cases.tolist():
+        raise ValueError(f"{budget}/03_claims.csv checks other claims than {folder}/03_claims.csv:"
+                         " rerun the older of the two 03 runs with today's code")
+    return claims.assign(**{PAPER_BUDGET: paper[PAPER_BUDGET]})[
+        ["claim", PROFILE_BUDGET, PAPER_BUDGET, "cases"]], budget
+
+
+def _budget_sentence(folder: Path) -> list:
+    claims, budget = claims_by_budget(folder)
+    if budget is None:
+        return []
+    changed = claims[claims[PROFILE_BUDGET] != claims[PAPER_BUDGET]]
+    return ["", f"**Fig. 3 at the paper's generator budget** (03 rerun on the same models with "
+            f"620 steps x 128, hidden 512): {len(claims) - len(changed)} of its {len(claims)} "
+            "claims come out as at 300 steps x 64" + (
+                "; changed: " + "; ".join(
+                    f"{c.claim} ({c[PROFILE_BUDGET]} -> {c[PAPER_BUDGET]} of {c.cases})"
+                    for _, c in changed.iterrows()) if len(changed) else "") + "."]
 
 
 def _runs(folder: Path) -> list:
@@ -160,13 +191,10 @@ def report(folder: Path, figures: Path) -> str:
     detection = table(folder, "02_detection_summary")
     lines += ["## 02 · Target detection", "", *_markdown(detection.round(3)), ""]
     lines += ["## 03 · MESA's hyper-parameters (Fig. 3): the claims checked", ""]
-    claims = table(folder, "03_claims").rename(columns={"holds": "holds (300 steps x 64)"})
-    paper_budget = Path(figures) / f"{folder.name}-paper-generators"
-    if (paper_budget / "03_claims.csv").exists():
-        claims = claims.merge(table(paper_budget, "03_claims")[["claim", "holds"]].rename(
-            columns={"holds": "holds (the paper's 620 steps x 128)"}), on="claim", how="left")
+    claims, budget = claims_by_budget(folder)
+    if budget is not None:
         lines += [f"Beside the profile's generators, the same notebook at the paper's generator "
-                  f"budget (`figures/{paper_budget.name}/`, {_overrides(paper_budget, '03')}).", ""]
+                  f"budget (`figures/{budget.name}/`, {_overrides(budget, '03')}).", ""]
     lines += [*_markdown(claims), ""]
     lines += ["## 04 · Defence (Fig. 4)", "", *_markdown(_defense(folder).reset_index()), "",
               *(f"- {line}" for line in defense_conclusions(table(folder, "04_defense_summary"))),

@@ -52,3 +52,23 @@ def test_interval_findings_have_known_answers(mesa, baseline, expected):
     def row(interval):
         return {"low_%": interval[0], "high_%": interval[1]}
     assert interval_finding(row(mesa), row(baseline)) == expected
+
+
+def test_fig3_at_the_paper_budget_is_set_beside_the_profiles_claims(tmp_path):
+    claims = pd.DataFrame({"claim": ["a collapses", "b expands"], "holds": [0, 2],
+                           "cases": [3, 6]})
+    (tmp_path / "quick").mkdir()
+    claims.to_csv(tmp_path / "quick" / "03_claims.csv", index=False)
+    assert report.claims_by_budget(tmp_path / "quick")[1] is None
+    (tmp_path / "quick-paper-generators").mkdir()
+    claims.assign(holds=[0, 5]).to_csv(tmp_path / "quick-paper-generators" / "03_claims.csv",
+                                       index=False)
+    table, budget = report.claims_by_budget(tmp_path / "quick")
+    assert budget == tmp_path / "quick-paper-generators"
+    assert table[report.PAPER_BUDGET].tolist() == [0, 5]
+    assert report._budget_sentence(tmp_path / "quick")[1].endswith(
+        "1 of its 2 claims come out as at 300 steps x 64; changed: b expands (2 -> 5 of 6).")
+    claims.assign(claim=["a collapses", "c"]).to_csv(
+        tmp_path / "quick-paper-generators" / "03_claims.csv", index=False)
+    with pytest.raises(ValueError, match="checks other claims"):
+        report.claims_by_budget(tmp_path / "quick")
