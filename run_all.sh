@@ -206,8 +206,9 @@ python -m mesa_utils.notebook_parameters "${NOTEBOOKS[@]}" -- "${PASSTHROUGH[@]}
 OUTDIR=data/runs/$PROFILE
 mkdir -p "$OUTDIR"
 START=$(date +%s)
-# mesa_utils reads TQDM_DISABLE (train.progress): no progress bars in the committed outputs.
-if [[ $REFRESH == 1 ]]; then export TQDM_DISABLE=1; fi
+# The library's progress bars go to this terminal, not into the notebooks (train.progress), and
+# papermill prints each cell's outputs here as they come: the terminal shows what runs.
+export MESA_TERMINAL_PROGRESS=1
 for nb in "${NOTEBOOKS[@]}"; do
     name=$(basename "$nb")
     # papermill writes to a partial file, moved onto $OUTDIR/$name only on success: a failed run
@@ -217,7 +218,7 @@ for nb in "${NOTEBOOKS[@]}"; do
     echo "=== $name (profile $PROFILE) ==="
     t0=$(date +%s)
     if ! papermill "$nb" "$partial" --cwd notebooks -p profile "$PROFILE" \
-            --progress-bar "${PASSTHROUGH[@]}"; then
+            --log-output --no-progress-bar "${PASSTHROUGH[@]}"; then
         if [[ -f $partial ]]; then
             echo "error: $name failed; the executed notebook with the error is $partial" >&2
         else

@@ -223,8 +223,48 @@ def hyperparameter_claims(cfg, settings, overlap, validity):
                          for claim, holds in checks.items()])
 
 
+def hyperparameter_findings(cfg, claims, summary, overlap, validity, staircase_validity) -> list:
+    """03's findings as sentences: each claim (hyperparameter_claims) with its count, then at
+    study.beta the spread and ASR per alpha (summary: settings aggregated per alpha and beta,
+    columns entropy, entropy_min, entropy_max, distinct, asr, mi), the precision and band
+    shares of the study's (validity) and the defence's (staircase_validity) staircases, and
+    the k-NN overlap against its two yardsticks (overlap_table)."""
+    by_alpha = summary[summary.beta == cfg.study.beta].set_index("alpha")
+    low, ref, high = min(cfg.study.alphas), cfg.mesa.alpha, max(cfg.study.alphas)
+    mean_of = overlap.groupby("comparison")[["inner_in_outer", "outer_in_inner"]].mean()
+    betas = sorted(cfg.mesa.betas)
+
+    def staircase_text(table):
+        v = table.groupby(["beta", "threshold"]).valid.mean()
+        return (", ".join(f"beta = {b:g} {100 * v[(b, b)]:.0f}%" for b in betas)
+                + "; in the band up to the next beta: "
+                + ", ".join(f"({lo:g}, {hi:g}]: {100 * (v[(lo, lo)] - v[(lo, hi)]):.0f}%"
+                            for lo, hi in zip(betas, betas[1:])))
+    return [*(f"{c.claim}: holds in **{c.holds} of {c.cases}**." for c in claims.itertuples()),
+            f"At beta = {cfg.study.beta:g} (mean over seeds, range in brackets): alpha = {low:g} "
+            f"has k-NN entropy {by_alpha.entropy[low]:.0f} nats [{by_alpha.entropy_min[low]:.0f}"
+            f", {by_alpha.entropy_max[low]:.0f}] and {by_alpha.distinct[low]:.0f} distinct "
+            f"triggers; alpha = {ref:g} {by_alpha.entropy[ref]:.0f} nats "
+            f"[{by_alpha.entropy_min[ref]:.0f}, {by_alpha.entropy_max[ref]:.0f}] and "
+            f"{by_alpha.distinct[ref]:.0f}; alpha = {high:g} {by_alpha.entropy[high]:.0f} nats "
+            f"with ASR {100 * by_alpha.asr[high]:.0f}% against {100 * by_alpha.asr[ref]:.0f}% at "
+            f"alpha = {ref:g}. Final MI estimates: " + ", ".join(
+                f"alpha = {a:g} {by_alpha.mi[a]:.2f} nats" for a in sorted(by_alpha.index)) + ".",
+            "Precision (own beta, the study's sub-models at alpha = "
+            f"{ref:g}, mean over seeds): "
+            + staircase_text(validity[validity.alpha == ref]) + ".",
+            "The defence's staircases (04's sub-models, mean over triggers): precision "
+            + staircase_text(staircase_validity) + ".",
+            f"k-NN overlap: the higher-beta samples lie in the lower-beta generator's range at "
+            f"{mean_of.inner_in_outer['staircase']:.2f} (the reverse "
+            f"{mean_of.outer_in_inner['staircase']:.2f}), against "
+            f"{mean_of.inner_in_outer['second draw']:.2f} for a second draw of one generator and "
+            f"{mean_of.loc['other seed'].max():.2f} for one setting from two seeds."]
+
+
 # ---------------------------------------------------------------------------------------------
 # Detection (02) and defence (04) summaries
+
 
 def detection_summary(detection, target: int):
     """Per trigger: the true target's ASR, the best other class's, their margin, the flagged
@@ -262,6 +302,25 @@ def method_label(method, beta) -> str:
     return f"mesa beta={beta:g}" if method == "mesa" else method
 
 
+# MESA's variant that every "MESA against the baseline" sentence uses (04's conclusions, 08's
+# contrast, the report), fixed before any of those ran: the uniform mixture over the
+# staircase, the paper's practical choice.
+CONTRAST_MESA = "mesa_mixture"
+
+
+# The findings of interval_finding, in words.
+FINDINGS = {"MESA lower": "MESA's interval lies below the baseline's",
+            "baseline lower": "the baseline's interval lies below MESA's",
+            "overlap": "the intervals overlap"}
+
+
+def interval_finding(mesa, baseline) -> str:
+    """"MESA lower" when MESA's 95% interval (columns low_%, high_%) lies wholly below the
+    baseline's, "baseline lower" when wholly above, else "overlap"."""
+    return ("MESA lower" if mesa["high_%"] < baseline["low_%"] else
+            "baseline lower" if mesa["low_%"] > baseline["high_%"] else "overlap")
+
+
 def summarize(df):
     """Per method: mean after-defence ASR (%) over triggers (and baseline starts) with a 95%
     bootstrap interval over its runs, the worst run, the mean clean-accuracy change (points),
@@ -286,6 +345,43 @@ def summarize(df):
                          "clean_change_pts": 100 * (part.clean_after - part.clean_before).mean(),
                          "paper": PAPER_RESULTS.get(label, "")})
     return pd.DataFrame(rows).round(2)
+
+
+def defense_conclusions(summary: pd.DataFrame) -> list:
+    """04's findings as sentences, from a summarize table: each method's mean after-defence ASR
+    with its 95% interval, CONTRAST_MESA set against the baseline and the random-patch control
+    by interval_finding, the worst runs beside the paper's contrast, the clean-accuracy cost."""
+    table = summary.set_index("method").rename(columns={
+        "mean_asr_%": "mean_%", "mean_asr_low_%": "low_%", "mean_asr_high_%": "high_%",
+        "worst_asr_%": "worst_%"})
+
+    def text(method):
+        row = table.loc[method]
+        return (f"{row['mean_%']:.1f}% [{row['low_%']:.1f}, {row['high_%']:.1f}] over "
+                f"{int(row['runs'])} runs, worst {row['worst_%']:.1f}%")
+    mesa, baseline = table.loc[CONTRAST_MESA], table.loc["baseline"]
+    others = [m for m in table.index if m.startswith("mesa") and m != CONTRAST_MESA]
+    retrained = [m for m in table.index if m not in ("before defence", "finetune",
+                                                       "random_patch")]
+    against_control = interval_finding(mesa, table.loc["random_patch"])
+    return [f"Before the defence: ASR {text('before defence')}.",
+            f"MESA's mixture (the variant every comparison uses): {text(CONTRAST_MESA)}; the "
+            "other MESA variants: " + "; ".join(
+                f"{m} {table.loc[m, 'mean_%']:.1f}%" for m in others) + ".",
+            f"One reversed trigger (baseline): {text('baseline')}.",
+            f"Neural Cleanse: {text('neural_cleanse')} at its place, "
+            f"{text('neural_cleanse_crop')} cut to its box at random places; ideal: "
+            f"{text('ideal')}.",
+            f"Controls: fine-tuning with no trigger {text('finetune')}; random 3x3 patches "
+            f"{text('random_patch')}; MESA's mixture is "
+            f"{'below' if against_control == 'MESA lower' else 'not below'} the random-patch "
+            "control (95% intervals).",
+            f"MESA's mixture against the baseline: {FINDINGS[interval_finding(mesa, baseline)]}"
+            f"; worst runs {mesa['worst_%']:.1f}% against {baseline['worst_%']:.1f}% (the "
+            "paper: MESA's at most 9.1%, the baseline's up to 51.4%).",
+            f"Clean accuracy changed by {table.loc[retrained, 'clean_change_pts'].min():+.1f} "
+            f"to {table.loc[retrained, 'clean_change_pts'].max():+.1f} points over the "
+            "retrained methods."]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,16 +439,10 @@ def screen_agreement(first: pd.Series, second: pd.Series, resamples: int = 10_00
             "top_overlap_p": overlap_p_value(overlap, k, n)}
 
 
-# MESA's variant that the contrast compares with the baseline, fixed before any contrast run:
-# the mixture over the staircase, 04's headline method.
-CONTRAST_MESA = "mesa_mixture"
-
-
 def contrast_verdict(means: pd.DataFrame) -> pd.DataFrame:
     """Per rate of a protocols.mean_table by rate and method (ASR in %, 95% intervals):
-    CONTRAST_MESA against the baseline, beside the ideal defence. finding: "MESA lower" when
-    MESA's interval lies wholly below the baseline's, "baseline lower" when wholly above, else
-    "overlap"; gap_points: baseline mean minus MESA mean; both_above_ideal: both methods'
+    CONTRAST_MESA against the baseline, beside the ideal defence. finding: interval_finding's;
+    gap_points: baseline mean minus MESA mean; both_above_ideal: both methods'
     intervals lie wholly above the ideal's (both leave backdoor that the true trigger removes)."""
     rows = []
     for rate, part in means.groupby("rate", sort=True):
@@ -361,8 +451,7 @@ def contrast_verdict(means: pd.DataFrame) -> pd.DataFrame:
         if missing:
             raise ValueError(f"rate {rate:g}: the contrast needs rows for {sorted(missing)}")
         mesa, baseline, ideal = by.loc[CONTRAST_MESA], by.loc["baseline"], by.loc["ideal"]
-        finding = ("MESA lower" if mesa["high_%"] < baseline["low_%"] else
-                   "baseline lower" if mesa["low_%"] > baseline["high_%"] else "overlap")
+        finding = interval_finding(mesa, baseline)
         rows.append({"rate": rate, "mesa": CONTRAST_MESA,
                      **{f"{name}_{column}": float(row[f"{column}_%"])
                         for name, row in (("mesa", mesa), ("baseline", baseline),

@@ -75,7 +75,9 @@ def load_cifar(name: str = "cifar10", root=None, archive=None, download: bool = 
     """Load CIFAR-10 or CIFAR-100 (uint8, CPU), decoding and caching it on first use.
 
     A named archive (`archive`, else $MESA_<NAME>_ARCHIVE) must exist; a cache made from
-    anything else is replaced by its decoded content.
+    anything else is replaced by its decoded content. A cache decoded from a named archive that
+    is none of the default sources is refused by a run naming none (it would use that data
+    without being told).
     """
     if name not in NUM_CLASSES:
         raise ValueError(f"unknown data set {name!r}; choose 'cifar10' or 'cifar100'")
@@ -84,6 +86,12 @@ def load_cifar(name: str = "cifar10", root=None, archive=None, download: bool = 
     named = _named_archive(name, archive)
     source = _archive_source(named) if named is not None else None
     meta = _read_meta(cache)
+    if meta is not None and source is None and not _found_unnamed(name, meta["source"]):
+        variable = f"MESA_{name.upper()}_ARCHIVE"
+        raise DataError(f"the cache {cache} was decoded from {_describe(meta['source'])}, which "
+                        f"was named (archive= or ${variable}) and is none of the sources found "
+                        f"without a name: set ${variable} to it again to use that data, or "
+                        f"delete {cache} to decode the default source")
     if meta is not None and (source is None or meta["source"].get("sha256") == source["sha256"]):
         return _load_cache(name, cache, meta)
     if meta is not None:
@@ -121,6 +129,16 @@ def _named_archive(name, archive):
         raise DataError(f"{named_by} names the archive {path}, which does not exist; {fix} "
                         "(no other copy is used in its place)")
     return Path(path)
+
+
+def _found_unnamed(name, source) -> bool:
+    """Whether a run naming no archive could have found `source` (a cache's meta source): the
+    torchvision folder or download, or an archive at one of default_archives. A cache decoded
+    from an archive named elsewhere holds data that such a run did not ask for."""
+    if source.get("kind") != "archive":
+        return True
+    defaults = {str(path.resolve()) for path in default_archives(name)}
+    return str(Path(source["path"]).resolve()) in defaults
 
 
 def _find_source(name, root, download):

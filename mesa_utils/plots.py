@@ -127,6 +127,11 @@ def distinct_curve_figure(curves: pd.DataFrame):
     return fig
 
 
+MESA_LOG_UNITS = {"hinge": "hinge term (target softmax units)",
+                  "mi": "MINE estimate of I(G(z); z) (nats)",
+                  "softmax": "mean target softmax F (0-1)"}
+
+
 def mesa_log_figure(log: dict, labels):
     """Per-step hinge term, MI estimate and mean target softmax for each member of a bank."""
     fig, axes = plt.subplots(1, 3, figsize=(12, 3))
@@ -136,6 +141,7 @@ def mesa_log_figure(log: dict, labels):
             ax.plot(values[:, i], label=str(label), lw=1)
         ax.set_title(name)
         ax.set_xlabel("generator step")
+        ax.set_ylabel(MESA_LOG_UNITS[name])
     # Beside the plot: a bank can hold 15 members.
     axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return fig
@@ -169,10 +175,16 @@ def embedding_panels(panels, min_fraction=0.04):
     return fig
 
 
+# The controls leave most of the backdoor (70-97% ASR): drawn in their own panel, so that the
+# methods' axis separates the methods.
+CONTROLS = ("finetune", "random_patch")
+
+
 def defense_figure(df: pd.DataFrame, triggers_by_id: dict):
     """Fig. 4: after-defence ASR per original trigger (sorted by the baseline's mean), every
     method as its mean over its runs (retraining seeds, or the baseline's starts) with a bar
-    from its best to its worst run, the methods side by side within each trigger.
+    from its best to its worst run, the methods side by side within each trigger; the controls
+    (CONTROLS) in a panel above on their own axis, the triggers drawn with their ids below.
 
     df: tidy rows of defense.compare_defenses (trigger, method, beta, asr_after).
     """
@@ -185,20 +197,35 @@ def defense_figure(df: pd.DataFrame, triggers_by_id: dict):
     styles = {f"mesa beta={b:g}": (f"MESA beta={b:g}", shades[b], "o") for b in betas}
     styles.update({m: METHOD_STYLE[m] for m in METHOD_STYLE if m != "mesa"})
     present = [label for label in styles if (labelled.label == label).any()]
-    width = 0.8 / max(1, len(present))
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(order) + 4), 3.8))
-    for k, label in enumerate(present):
-        stats = (labelled[labelled.label == label].groupby("trigger")["asr_after"]
-                 .agg(["mean", "min", "max"]).reindex(order).dropna())
-        x = np.array([order.index(t) for t in stats.index]) + (k - (len(present) - 1) / 2) * width
-        name, colour, marker = styles[label]
-        ax.errorbar(x, 100 * stats["mean"],
-                    yerr=100 * np.stack([stats["mean"] - stats["min"], stats["max"] - stats["mean"]]),
-                    fmt=marker, color=colour, capsize=2, ms=4, label=name)
-    ax.set_ylabel("ASR after defence (%)\nmean, best to worst run")
-    ax.set_xlim(-0.5, len(order) - 0.5)
-    _thumbnail_ticks(ax, [triggers_by_id[t] for t in order])
-    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    panels = [[label for label in present if label in CONTROLS],
+              [label for label in present if label not in CONTROLS]]
+    panels = [labels for labels in panels if labels]
+    fig, axes = plt.subplots(len(panels), 1, sharex=True, squeeze=False,
+                             figsize=(max(6, 1.1 * len(order) + 4), 1.6 + 2.6 * len(panels)),
+                             gridspec_kw={"height_ratios": [1, 2.4][-len(panels):]})
+    for ax, labels in zip(axes[:, 0], panels):
+        width = 0.8 / len(labels)
+        for k, label in enumerate(labels):
+            stats = (labelled[labelled.label == label].groupby("trigger")["asr_after"]
+                     .agg(["mean", "min", "max"]).reindex(order).dropna())
+            x = (np.array([order.index(t) for t in stats.index])
+                 + (k - (len(labels) - 1) / 2) * width)
+            name, colour, marker = styles[label]
+            ax.errorbar(x, 100 * stats["mean"],
+                        yerr=100 * np.stack([stats["mean"] - stats["min"],
+                                             stats["max"] - stats["mean"]]),
+                        fmt=marker, color=colour, capsize=2, ms=4, label=name)
+        ax.set_ylabel("ASR after defence (%)\nmean, best to worst run"
+                      if labels is panels[-1] else "ASR (%)")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    bottom = axes[-1, 0]
+    bottom.set_xlim(-0.5, len(order) - 0.5)
+    _thumbnail_ticks(bottom, [triggers_by_id[t] for t in order])
+    for x, trigger in enumerate(order):
+        bottom.annotate(str(trigger), (x, 0), xytext=(0, -30), xycoords=("data", "axes fraction"),
+                        textcoords="offset points", ha="center", va="top", fontsize=8)
+    bottom.set_xlabel("original trigger (id), sorted by the baseline's mean", labelpad=34)
     return fig
 
 

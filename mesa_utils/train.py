@@ -10,11 +10,13 @@ than fp32 for ResNet-18 (measured on the 2-core Xeon of the README), so "auto" l
 import functools
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm as tqdm_text
 from tqdm.auto import tqdm
 
 from .config import Config, TrainConfig, to_dict
@@ -27,9 +29,30 @@ from .triggers import BlendedTrigger, TriggerPaster, blend_pattern, poison, trig
 
 def progress(iterable, desc: str, total=None):
     """A transient tqdm bar over `iterable` (widgets in Jupyter), off when $TQDM_DISABLE is 1 or
-    true: tqdm.notebook overrides that variable with its own default, so it is read here."""
+    true: tqdm.notebook overrides that variable with its own default, so it is read here. With
+    $MESA_TERMINAL_PROGRESS = 1 (run_all.sh sets it) a notebook kernel draws the bar as text on
+    the terminal that started it (the kernel's own stderr) instead, and none in the notebook:
+    under papermill a widget only ever shows its first frame."""
     disable = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+    terminal = _kernel_terminal()
+    if terminal is not None:
+        return tqdm_text(iterable, desc=desc, total=total, leave=False, disable=disable,
+                         file=terminal, mininterval=1.0)
     return tqdm(iterable, desc=desc, total=total, leave=False, disable=disable)
+
+
+@functools.cache
+def _kernel_terminal():
+    """With $MESA_TERMINAL_PROGRESS = 1 in a notebook kernel: a stream onto the stderr the
+    kernel was started with, else None. ipykernel forwards what reaches fd 2 into the notebook
+    when it captures low-level output; it then keeps the terminal's stream as
+    sys.stderr.fileno(). Without that capture (e.g. under pytest) fd 2 is the terminal."""
+    if os.environ.get("MESA_TERMINAL_PROGRESS") != "1" or sys.stderr is sys.__stderr__:
+        return None
+    try:
+        return os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1)
+    except (AttributeError, OSError, ValueError):      # io.UnsupportedOperation is both
+        return sys.__stderr__
 
 
 def get_device(name: str = "auto") -> torch.device:

@@ -6,11 +6,11 @@ import pandas as pd
 import pytest
 import torch
 
-from mesa_utils.analysis import (ENTROPY_RESOLUTION, UnhealthyRun, detection_summary,
-                                 distinct_curve, distinct_triggers, expect, healthy_run,
-                                 hyperparameter_claims, knn_entropy, manifold_share,
-                                 overlap_pairs, overlap_table, pca_2d, summarize, thin,
-                                 validity_table)
+from mesa_utils.analysis import (ENTROPY_RESOLUTION, UnhealthyRun, defense_conclusions,
+                                 detection_summary, distinct_curve, distinct_triggers, expect,
+                                 healthy_run, hyperparameter_claims, hyperparameter_findings,
+                                 knn_entropy, manifold_share, overlap_pairs, overlap_table,
+                                 pca_2d, summarize, thin, validity_table)
 from mesa_utils.config import make_config
 from mesa_utils.mesa import study_members
 
@@ -288,3 +288,60 @@ def test_the_contrast_verdict_reads_the_intervals_of_mesa_baseline_and_ideal():
     assert worse.finding.tolist() == ["baseline lower"]
     with pytest.raises(ValueError, match=r"rate 0.025: the contrast needs rows for \['ideal'\]"):
         contrast_verdict(means[means.method != "ideal"])
+
+
+def _summary(means):
+    """A summarize-like table: method -> (mean, low, high, worst) in %."""
+    return pd.DataFrame([{"method": m, "runs": 3, "mean_asr_%": v[0], "mean_asr_low_%": v[1],
+                          "mean_asr_high_%": v[2], "worst_asr_%": v[3], "clean_change_pts": c}
+                         for c, (m, v) in enumerate(means.items())])
+
+
+def test_04s_conclusions_compare_the_fixed_mixture_not_the_best_variant():
+    means = {"before defence": (99, 98, 100, 100), "mesa beta=0.9": (1, 0.5, 1.5, 2),
+             "mesa_mixture": (5, 4, 6, 7), "baseline": (8, 7, 9, 12),
+             "neural_cleanse": (9, 8, 10, 11), "neural_cleanse_crop": (6, 5, 7, 8),
+             "ideal": (2, 1.5, 2.5, 3), "finetune": (95, 94, 96, 97),
+             "random_patch": (80, 70, 90, 92)}
+    lines = defense_conclusions(_summary(means))
+    assert lines[1].startswith("MESA's mixture (the variant every comparison uses): 5.0% "
+                               "[4.0, 6.0] over 3 runs, worst 7.0%")
+    assert "mesa beta=0.9 1.0%" in lines[1]       # the better variant is shown, not chosen
+    assert "MESA's mixture is below the random-patch control" in lines[4]
+    assert lines[5].startswith("MESA's mixture against the baseline: MESA's interval lies "
+                               "below the baseline's; worst runs 7.0% against 12.0%")
+    assert lines[6] == ("Clean accuracy changed by +1.0 to +6.0 points over the retrained "
+                        "methods.")
+    means["mesa_mixture"] = (8, 6, 10, 12)          # now overlapping the baseline's interval
+    assert "the intervals overlap" in defense_conclusions(_summary(means))[5]
+
+
+def test_03s_findings_read_the_tables_they_are_given():
+    cfg = make_config("smoke")          # alphas 0, 0.1, 10 at beta 0.8; betas 0.5, 0.8, 0.9
+    claims = pd.DataFrame([{"claim": "alpha 0 collapses", "holds": 1, "cases": 3}])
+    summary = pd.DataFrame([{"alpha": a, "beta": 0.8, "entropy": e, "entropy_min": e - 1,
+                             "entropy_max": e + 1, "distinct": d, "asr": r, "mi": mi}
+                            for a, e, d, r, mi in [(0.0, -80, 5, 0.99, 0.01),
+                                                   (0.1, -20, 40, 0.97, 1.5),
+                                                   (10.0, -5, 300, 0.30, 3.25)]])
+    # Precision 100% at each own beta; 70% of a sub-model above the next beta: 30% in the band.
+    validity = pd.DataFrame([{"alpha": 0.1, "beta": b, "threshold": t,
+                              "valid": 1.0 if t <= b else 0.7}
+                             for b in cfg.mesa.betas for t in cfg.mesa.betas])
+    staircase = validity.assign(valid=lambda v: v.valid.where(v.threshold <= v.beta, 0.9))
+    overlap = pd.DataFrame([{"comparison": c, "inner_in_outer": i, "outer_in_inner": o}
+                            for c, i, o in [("staircase", 0.95, 0.5), ("second draw", 0.9, 0.9),
+                                            ("other seed", 0.2, 0.3)]])
+    lines = hyperparameter_findings(cfg, claims, summary, overlap, validity, staircase)
+    assert lines[0] == "alpha 0 collapses: holds in **1 of 3**."
+    assert lines[1].startswith("At beta = 0.8 (mean over seeds, range in brackets): alpha = 0 "
+                               "has k-NN entropy -80 nats [-81, -79] and 5 distinct triggers; "
+                               "alpha = 0.1 -20 nats [-21, -19] and 40; alpha = 10 -5 nats "
+                               "with ASR 30% against 97% at alpha = 0.1.")
+    assert lines[1].endswith("alpha = 0 0.01 nats, alpha = 0.1 1.50 nats, alpha = 10 3.25 nats.")
+    assert lines[2].endswith("beta = 0.5 100%, beta = 0.8 100%, beta = 0.9 100%; in the band "
+                             "up to the next beta: (0.5, 0.8]: 30%, (0.8, 0.9]: 30%.")
+    assert "(0.5, 0.8]: 10%, (0.8, 0.9]: 10%." in lines[3]
+    assert lines[4] == ("k-NN overlap: the higher-beta samples lie in the lower-beta "
+                        "generator's range at 0.95 (the reverse 0.50), against 0.90 for a second "
+                        "draw of one generator and 0.30 for one setting from two seeds.")

@@ -147,6 +147,21 @@ def test_named_archive_replaces_a_cache_made_from_another(tmp_path, monkeypatch,
     assert torch.equal(again.train_images, from_a.train_images)
 
 
+def test_a_cache_from_a_named_archive_is_refused_when_no_archive_is_named(tmp_path, monkeypatch):
+    path = _ten_class_archive(tmp_path, "modified")
+    named = load_cifar("cifar10", root=tmp_path / "cache", archive=path, download=False)
+    with pytest.raises(DataError, match=r"decoded from the archive .*modified.*set "
+                                        r"\$MESA_CIFAR10_ARCHIVE to it again.*or delete"):
+        load_cifar("cifar10", root=tmp_path / "cache", download=False)
+    monkeypatch.setenv("MESA_CIFAR10_ARCHIVE", str(path))        # named again: its data
+    assert load_cifar("cifar10", root=tmp_path / "cache", download=False).fingerprint == (
+        named.fingerprint)
+    monkeypatch.delenv("MESA_CIFAR10_ARCHIVE")
+    monkeypatch.setattr(data_module, "default_archives", lambda name: [path])
+    assert load_cifar("cifar10", root=tmp_path / "cache", download=False).fingerprint == (
+        named.fingerprint)                     # an archive a run without a name finds: used
+
+
 def test_named_archive_replaces_a_cache_from_the_torchvision_folder(tmp_path):
     _write_torchvision_cifar(tmp_path, "cifar10")
     load_cifar("cifar10", root=tmp_path, download=False)

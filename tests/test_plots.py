@@ -57,6 +57,29 @@ def test_all_figures_are_written(outputs):
     assert pd.read_csv(path).shape == runs.shape
 
 
+def test_fig4_draws_the_controls_apart_and_names_the_triggers(outputs):
+    runs = pd.DataFrame([{"trigger": t, "method": m, "beta": b, "asr_after": a}
+                         for t in (7, 9)
+                         for m, b, a in [("mesa", 0.9, 0.03), ("baseline", None, 0.1 * t),
+                                         ("ideal", None, 0.02), ("finetune", None, 0.95),
+                                         ("random_patch", None, 0.8)]])
+    fig = plots.defense_figure(runs, {7: torch.zeros(3, 3, 3), 9: torch.ones(3, 3, 3)})
+    controls, methods = fig.axes
+    assert [t.get_text() for t in controls.get_legend().get_texts()] == [
+        plots.METHOD_STYLE["finetune"][0], plots.METHOD_STYLE["random_patch"][0]]
+    assert methods.get_ylim()[1] < 100          # the methods' axis is not squeezed by 95%
+    assert controls.get_ylim()[1] > 95
+    assert all(ax.get_ylabel() for ax in fig.axes) and "trigger" in methods.get_xlabel()
+    assert {t.get_text() for t in methods.texts} == {"7", "9"}   # ids, baseline order 7, 9
+    _written(fig, "fig4_controls", outputs)
+
+
+def test_the_training_curves_name_their_units(outputs):
+    log = {name: torch.rand(10, 2) for name in ("hinge", "mi", "softmax")}
+    fig = plots.mesa_log_figure(log, ["a", "b"])
+    assert [ax.get_ylabel() for ax in fig.axes] == list(plots.MESA_LOG_UNITS.values())
+
+
 def test_the_screen_replication_figure_has_one_labelled_panel_per_replicate(outputs):
     from mesa_utils.analysis import screen_agreement
     rng = np.random.default_rng(0)

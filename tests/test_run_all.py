@@ -265,11 +265,30 @@ def test_run_all_refresh_needs_the_code_committed(tmp_path):
     assert " M notebooks/01_tiny.ipynb" in dirty.stderr and "?? mesa_utils/new.py" in dirty.stderr
 
 
+def test_run_all_shows_progress_and_outputs_in_the_terminal_not_in_the_notebook(tmp_path):
+    venv = ready_venv()
+    notebook = tiny_notebook()
+    notebook["cells"][1]["source"] = ("from mesa_utils.train import progress\n"
+                                      "for _ in progress(range(3), 'tiny loop'):\n"
+                                      "    pass\n"
+                                      "print('loop finished')")
+    runs = repo_copy(tmp_path, {"01_tiny.ipynb": notebook})
+    result = run_copy(tmp_path, venv, "--profile", "smoke")
+    assert result.returncode == 0, result.stderr
+    terminal = result.stdout + result.stderr
+    assert "tiny loop:   0%| | 0/3" in terminal.replace(" " * 10, " ")   # the bar, as text
+    assert "loop finished" in terminal                          # the cell's output, as it came
+    executed = json.loads((runs / "01_tiny.ipynb").read_text())["cells"][-1]   # after papermill's
+    assert [("".join(o.get("text", "")), o["output_type"]) for o in executed["outputs"]] == [
+        ("loop finished\n", "stream")]
+
+
 def test_run_all_refresh_puts_stamped_quick_outputs_into_the_committed_notebooks(tmp_path):
     venv = ready_venv()
     notebook = tiny_notebook()
     notebook["cells"][0]["source"] = "profile = None"
-    notebook["cells"][1]["source"] = "import os\nprint(profile, os.environ.get('TQDM_DISABLE'))"
+    notebook["cells"][1]["source"] = ("import os\n"
+                                      "print(profile, os.environ.get('MESA_TERMINAL_PROGRESS'))")
     repo_copy(tmp_path, {"01_tiny.ipynb": notebook})
     (tmp_path / ".gitignore").write_text("/data/\n")
     git(tmp_path, "init", "-q")
