@@ -178,7 +178,7 @@ NOT_APPLICABLE = {"inverted_asr", "symmetry_max_asr"}
 
 def _row_problem(row) -> str | None:
     """Why a table row cannot be a unit's (a non-finite number, or a share outside [0, 1]:
-    a field named *asr* or *accuracy*), else None."""
+    a field named *asr* or *accuracy*, unless it ends in _pts or _% (points)), else None."""
     if not isinstance(row, dict):
         return f"a row is {type(row).__name__}, not an object"
     for field, value in row.items():
@@ -186,7 +186,7 @@ def _row_problem(row) -> str | None:
             continue
         if not math.isfinite(value):
             return f"{field} is {value}"
-        share = "asr" in field or "accuracy" in field
+        share = ("asr" in field or "accuracy" in field) and not field.endswith(("_pts", "_%"))
         if share and not 0 <= value <= 1 and not (field in NOT_APPLICABLE and value == -1):
             return f"{field} is {value}, outside [0, 1]"
     return None

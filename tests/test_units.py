@@ -60,7 +60,8 @@ def test_a_unit_file_of_another_config_is_never_overwritten(tmp_path, store):
     path = unit_path(folder, cfg.triggers[0])
     path.parent.mkdir(parents=True)
     other = make_config("smoke", **{"mesa.steps": 7})
-    path.write_text(json.dumps({"config_key": config_key(other), "tables": {}}))
+    path.write_text(json.dumps({"trigger": cfg.triggers[0], "config_key": config_key(other),
+                                "tables": {}}))
     with pytest.raises(ValueError, match="holds a unit of another config.*not overwritten"):
         run_units(cfg, root=tmp_path)
     assert json.loads(path.read_text())["config_key"] == config_key(other)
@@ -231,7 +232,8 @@ def test_an_edited_unit_file_is_refused_on_read_naming_the_field(tmp_path, damag
     from mesa_utils.units import SCREEN
     cfg = make_config("smoke", **{"protocols.screen_triggers": (0, 7)})
     folder = tmp_path / "screen"
-    _fabricated_unit(folder, cfg, 0, SCREEN)                 # sound: -1 is "not applicable"
+    # sound: -1 is "not applicable", and a field in points (_pts, _%) is no share
+    _fabricated_unit(folder, cfg, 0, SCREEN, accuracy_drop_pts=5.5, **{"patch_asr_%": 97.0})
     assert merge_units(cfg, folder, SCREEN)["missing"] == [7]
     _fabricated_unit(folder, cfg, 7, SCREEN, **damage)
     with pytest.raises(ValueError, match=f"unit_7.json: in table 'screen', {message}"):
