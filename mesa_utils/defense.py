@@ -207,9 +207,10 @@ def retrain(ctx: Context, backdoor: Backdoor, source, source_spec: dict, seed=0,
 
 def retrain_many(ctx: Context, backdoor: Backdoor, runs: list, holdout: int = 0) -> list:
     """`retrain` for each of `runs`, (source, source spec, seed, progress label) tuples: one
-    record each, cached one by one under retrain's keys. The runs not in the store train
-    cfg.retrain_bank at a time as one banked network (train.fit_bank; its members end as the
-    lone runs would, to float rounding); with retrain_bank = 1, one after another (fit)."""
+    record each, cached one by one under retrain's keys (with the bank size when above 1).
+    The runs not in the store train cfg.retrain_bank at a time as one banked network
+    (train.fit_bank; its members end as the lone runs would, to float rounding); with
+    retrain_bank = 1, one after another (fit)."""
     cfg = ctx.cfg
     images, labels = ctx.splits.defense_images[holdout:], ctx.splits.defense_labels[holdout:]
     specs = []
@@ -218,6 +219,8 @@ def retrain_many(ctx: Context, backdoor: Backdoor, runs: list, holdout: int = 0)
                 "train": to_dict(cfg.defense), "seed": seed}
         if holdout:         # 0 keeps the keys made before holdouts existed
             spec["holdout"] = holdout
+        if cfg.retrain_bank > 1:    # banked members are other float32 results than lone runs
+            spec["bank"] = cfg.retrain_bank
         specs.append(spec)
     records = [ctx.store.load("defense", spec) for spec in specs]
     missing = [i for i, record in enumerate(records) if record is None]

@@ -38,7 +38,7 @@ def _flat(tree: dict, prefix="") -> dict:
 
 def overridden_fields(cfg) -> dict:
     """{dotted field: value} where `cfg` differs from its profile (config.HOW_FIELDS aside:
-    they decide where and how a run computes, not what it computes)."""
+    they decide where a run computes, not what it computes)."""
     profile = _flat(to_dict(make_config(cfg.profile)))
     return {name: value for name, value in _flat(to_dict(cfg)).items()
             if name not in HOW_FIELDS and profile[name] != value}
