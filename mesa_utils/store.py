@@ -144,6 +144,18 @@ def _write_bytes(data, f):
     f.write(data)
 
 
+def _torch_save(record, file) -> None:
+    """torch.save, whose zip writer reports a failed write (a full disk) as a RuntimeError
+    ("PytorchStreamWriter failed writing file", "unexpected pos"): raised here as the OSError
+    it is, so that Store.put keeps the built result with a warning."""
+    try:
+        torch.save(record, file)
+    except RuntimeError as err:
+        if "PytorchStreamWriter" in str(err) or "unexpected pos" in str(err):
+            raise OSError(f"writing failed, the disk may be full: {err}") from err
+        raise
+
+
 class Store:
     """`store.get_or_build(kind, spec, build)` returns the cached payload or builds and saves it.
     Its root: `root`, else $MESA_STORE, else data/artefacts; a relative $MESA_STORE is taken
@@ -186,7 +198,7 @@ class Store:
             raise NonFiniteError(f"refusing to store {kind} with non-finite values in "
                                  f"{', '.join(bad[:5])}")
         record = {"spec": _canonical(spec), "payload": payload}
-        return atomic_write(self.path(kind, spec), functools.partial(torch.save, record))
+        return atomic_write(self.path(kind, spec), functools.partial(_torch_save, record))
 
     def get_or_build(self, kind: str, spec: dict, build):
         """The stored payload of `spec`, else build() saved and returned. When saving fails

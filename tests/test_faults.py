@@ -174,6 +174,22 @@ def test_temporary_files_of_killed_writers_are_removed(tmp_path):
     assert live.exists() and other_host.exists()      # a live writer's, another machine's
 
 
+def test_a_full_disk_inside_torch_save_leaves_the_result_used_and_no_file(tmp_path, monkeypatch):
+    def full_disk(record, file):
+        file.write(b"PK")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
+    monkeypatch.setattr(torch, "save", full_disk)
+    store = Store(tmp_path)
+    with pytest.warns(UserWarning, match="built but NOT cached .*the disk may be full"):
+        payload = store.get_or_build("demo", {"a": 1}, lambda: {"value": 3})
+    assert payload == {"value": 3}
+    assert list((tmp_path / "demo").iterdir()) == []          # no half-written file kept
+    monkeypatch.setattr(torch, "save", lambda record, file: (_ for _ in ()).throw(
+        RuntimeError("some other torch failure")))
+    with pytest.raises(RuntimeError, match="some other torch failure"):   # not hidden
+        store.get_or_build("demo", {"a": 2}, lambda: {"value": 4})
+
+
 def test_a_result_that_cannot_be_saved_is_still_used(tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the store's folder should be")
