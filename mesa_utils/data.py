@@ -19,6 +19,7 @@ import io
 import json
 import os
 import pickle
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,9 +126,16 @@ def _named_archive(name, archive):
         path, named_by, fix = os.environ.get(variable), f"${variable}", "correct or unset it"
     if not path:
         return None
+    if archive is None and not Path(path).is_absolute():
+        # the same file for every process: notebook kernels run in notebooks/, commands at
+        # the repository's root (as a relative MESA_STORE)
+        path = REPO_ROOT / path
     if not Path(path).exists():
         raise DataError(f"{named_by} names the archive {path}, which does not exist; {fix} "
                         "(no other copy is used in its place)")
+    if not Path(path).is_file():
+        raise DataError(f"{named_by} names {path}, which is a folder, not an archive file "
+                        f"(<top>/{{train,test}}/<class>/*.jpg packed as .tar.gz); {fix}")
     return Path(path)
 
 
@@ -243,7 +251,11 @@ def _archive_source(path):
             digest.update(block)
     sha256 = digest.hexdigest()
     expected_file = Path(str(path) + ".sha256")
-    if expected_file.exists() and expected_file.read_text().split()[0].lower() != sha256:
+    expected = expected_file.read_text().split()[:1] if expected_file.exists() else None
+    if expected is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", "".join(expected)):
+        raise DataError(f"checksum file {expected_file} holds no SHA-256 (64 hex digits first); "
+                        f"write the archive's (sha256sum {Path(path).name}) or delete the file")
+    if expected is not None and expected[0].lower() != sha256:
         raise DataError(f"archive {path} does not match its checksum {expected_file} "
                         "(corrupt or truncated copy); replace it with a good copy")
     return {"kind": "archive", "path": str(path), "sha256": sha256}
@@ -273,12 +285,19 @@ def _read_archive(name, path):
     arrays = []
     for split in SPLITS:
         items = sorted(found[split], key=lambda item: (item[0], item[1]))
-        try:
-            images = np.stack([np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-                               for _, _, data in items])
-        except Exception as err:
-            raise DataError(f"archive {path}: an image of the {split} split cannot be decoded "
-                            f"({err})") from err
+        decoded = []
+        for folder, file, data in items:
+            where = f"archive {path}: {split}/{folder}/{file}"
+            try:
+                image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+            except Exception as err:    # PIL raises several kinds for truncated or foreign files
+                raise DataError(f"{where} cannot be decoded as an image ({err}); replace the "
+                                "archive with a good copy") from err
+            if image.shape != (32, 32, 3):
+                raise DataError(f"{where} is {image.shape[1]}x{image.shape[0]} pixels, not "
+                                f"CIFAR's 32x32; replace the archive with a good copy")
+            decoded.append(image)
+        images = np.stack(decoded)
         labels = np.array([index.get(c, -1) for c, _, _ in items], dtype=np.int64)
         if (labels < 0).any():
             raise DataError(f"archive {path}: the test split has classes missing from train")
@@ -329,6 +348,8 @@ def _read_meta(cache):
         raise _untrusted(cache, f"unreadable {META} ({err})") from err
     if not isinstance(meta, dict) or not {"classes", "source", "fingerprint"} <= meta.keys():
         raise _untrusted(cache, f"{META} lacks the classes, source or fingerprint")
+    if not isinstance(meta["source"], dict) or "kind" not in meta["source"]:
+        raise _untrusted(cache, f"{META}'s source is {meta['source']!r}, not a record of one")
     return meta
 
 

@@ -295,3 +295,63 @@ def test_loader_visits_each_image_once_per_epoch():
     labels = torch.cat([y for _, y in loader])
     assert sorted(labels.tolist()) == list(range(10))
     assert all(torch.allclose(x[:, 0, 0, 0] * 255, y.float(), atol=1e-4) for x, y in loader)
+
+
+def _archive_with(path, damaged: bytes):
+    """The ten-class archive with test/class3/0001.png replaced by `damaged` bytes."""
+    _write_archive(path, classes=TEN)
+    with tarfile.open(path, "r:gz") as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    with tarfile.open(path, "w:gz") as tar:
+        for member, data in members:
+            data = damaged if member.name == "top/test/class3/0001.png" else data
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    return path
+
+
+def _png(height, width):
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((height, width, 3), np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("damaged, message", [
+    (_png(32, 32)[:40], r"test/class3/0001.png cannot be decoded as an image"),     # truncated
+    (b"not an image at all", r"test/class3/0001.png cannot be decoded as an image"),
+    (_png(28, 28), r"test/class3/0001.png is 28x28 pixels, not CIFAR's 32x32"),
+])
+def test_a_bad_image_in_an_archive_is_named(tmp_path, damaged, message):
+    path = _archive_with(tmp_path / "bad.tar.gz", damaged)
+    with pytest.raises(DataError, match=message):
+        load_cifar("cifar10", root=tmp_path / "cache", archive=path, download=False)
+    assert not (tmp_path / "cache" / "cifar10").exists()
+
+
+def test_an_archive_that_is_a_folder_or_has_an_empty_checksum_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="which is a folder, not an archive file"):
+        load_cifar("cifar10", root=tmp_path / "cache", archive=tmp_path, download=False)
+    path = _ten_class_archive(tmp_path)
+    (tmp_path / "ten.tar.gz.sha256").write_text("")
+    with pytest.raises(DataError, match=r"ten.tar.gz.sha256 holds no SHA-256 .*sha256sum"):
+        load_cifar("cifar10", root=tmp_path / "cache", archive=path, download=False)
+
+
+def test_a_cache_whose_source_is_no_record_is_refused(tmp_path):
+    path = _ten_class_archive(tmp_path)
+    load_cifar("cifar10", root=tmp_path / "cache", archive=path, download=False)
+    meta_path = tmp_path / "cache" / "cifar10" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "source": "somewhere"}))
+    with pytest.raises(DataError, match="source is 'somewhere', not a record of one; delete"):
+        load_cifar("cifar10", root=tmp_path / "cache", archive=path, download=False)
+
+
+def test_a_relative_archive_in_the_environment_is_taken_from_the_repository(tmp_path,
+                                                                             monkeypatch):
+    _ten_class_archive(tmp_path)
+    monkeypatch.setattr(data_module, "REPO_ROOT", tmp_path)
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")                  # where a kernel runs
+    monkeypatch.setenv("MESA_CIFAR10_ARCHIVE", "ten.tar.gz")
+    assert load_cifar("cifar10", root=tmp_path / "cache", download=False).classes == TEN
