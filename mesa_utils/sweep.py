@@ -5,8 +5,9 @@
     python -m mesa_utils.sweep --profile quick --workers 2 --kind screen  # 08's screen units
     ./run_all.sh --profile smoke --workers 2                          # the same, from run_all.sh
 
-The driver first builds (or loads) the clean model, which every unit shares, then starts one
-task per trigger that has no unit file yet: finished units are skipped, so a rerun resumes. Each
+The driver checks that the cluster answers and can hold a unit's CPUs and GPUs, builds (or
+loads) the clean model, which every unit shares, then starts one task per trigger that has no
+unit file yet: finished units are skipped, so a rerun resumes. Each
 task builds its config from the same profile and overrides, runs the unit (itself resuming from
 the artefact store) and returns its record; the driver writes the unit files, so results gather
 in one folder wherever the tasks ran. A failing unit is reported with its trigger and traceback
@@ -15,6 +16,8 @@ status is non-zero when any failed. On a cluster (`--address`), nodes that do no
 repository's data/ folder each train the clean model once.
 """
 import argparse
+import math
+import socket
 import sys
 import traceback
 
@@ -31,6 +34,43 @@ def _unit_task(profile: str, overrides: dict, trigger: int, threads: int, kind: 
     import torch
     torch.set_num_threads(max(1, threads))
     return unit_record(setup(make_config(profile, **overrides)), trigger, KINDS[kind])
+
+
+def check_share(cpus_per_unit, gpus_per_unit) -> None:
+    """A unit's resource request as Ray takes it: a whole number of CPUs >= 1, a finite GPU
+    share >= 0 (a fraction packs several units on one GPU, above 1 spans GPUs in whole ones)."""
+    if isinstance(cpus_per_unit, bool) or not isinstance(cpus_per_unit, int) or cpus_per_unit < 1:
+        raise ValueError(f"--cpus-per-unit must be an integer >= 1, got {cpus_per_unit!r}")
+    if not (isinstance(gpus_per_unit, (int, float)) and math.isfinite(gpus_per_unit)
+            and gpus_per_unit >= 0) or (gpus_per_unit > 1 and gpus_per_unit != int(gpus_per_unit)):
+        raise ValueError(f"--gpus-per-unit must be a share in [0, 1] or a whole number of GPUs, "
+                         f"got {gpus_per_unit!r}")
+
+
+def check_reachable(address: str, seconds: float = 10.0) -> None:
+    """Refuse a cluster address (host:port) that accepts no connection within `seconds`:
+    ray.init would retry it for minutes."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--address must be 'auto' or host:port, got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=seconds).close()
+    except OSError as error:
+        raise ConnectionError(f"no Ray cluster answers at {address} ({error}): start it "
+                              "(ray start --head) or correct --address") from None
+
+
+def check_grantable(resources: dict, cpus_per_unit, gpus_per_unit) -> None:
+    """Refuse a unit that the cluster's resources ({"CPU": n, "GPU": m}, as
+    ray.cluster_resources gives them) can never hold: its tasks would wait forever."""
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    if cpus_per_unit > cpus:
+        raise ValueError(f"--cpus-per-unit {cpus_per_unit} asks more CPUs than the cluster has "
+                         f"({cpus:g}): no unit could ever start; lower it or raise --workers")
+    if gpus_per_unit > gpus:
+        raise ValueError(f"--gpus-per-unit {gpus_per_unit:g} asks more GPUs than the cluster has "
+                         f"({gpus:g}): no unit could ever start; run without it on a machine "
+                         "without GPUs")
 
 
 def run_sweep(profile: str, overrides: dict | None = None, workers: int | None = None,
@@ -52,7 +92,9 @@ def run_sweep(profile: str, overrides: dict | None = None, workers: int | None =
     result = {"folder": folder, "done": [], "skipped": skipped, "failed": {}}
     if not todo:
         return result
-    clean_model(setup(cfg, cifar=cifar))     # shared by every unit: built before they start
+    check_share(cpus_per_unit, gpus_per_unit)
+    if address and address != "auto":
+        check_reachable(address)
     # The driver's bar counts units; the stages' own bars inside workers would interleave.
     quiet = {"env_vars": {"TQDM_DISABLE": "1"}}
     if address:
@@ -61,6 +103,8 @@ def run_sweep(profile: str, overrides: dict | None = None, workers: int | None =
         ray.init(num_cpus=workers, include_dashboard=False, runtime_env=quiet,
                  ignore_reinit_error=True)
     try:
+        check_grantable(ray.cluster_resources(), cpus_per_unit, gpus_per_unit)
+        clean_model(setup(cfg, cifar=cifar))     # shared by every unit: built before they start
         task = ray.remote(num_cpus=cpus_per_unit, num_gpus=gpus_per_unit,
                           max_retries=0)(_unit_task)
         running = {task.remote(profile, overrides, t, cpus_per_unit, kind.name): t for t in todo}
@@ -101,6 +145,10 @@ def main(argv=None) -> int:
     profile, overrides, _ = config_from_arguments(parser, args)
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers must be 1 or more, got {args.workers}")
+    try:
+        check_share(args.cpus_per_unit, args.gpus_per_unit)
+    except ValueError as error:
+        parser.error(str(error))
     result = run_sweep(profile, overrides, args.workers, args.address, args.cpus_per_unit,
                        args.gpus_per_unit, args.outputs, kind=KINDS[args.kind])
     print(f"units in {result['folder']}: {len(result['done'])} run, "

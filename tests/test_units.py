@@ -121,6 +121,38 @@ def test_ray_sweep_with_two_workers_equals_the_sequential_units_and_survives_a_f
     assert not unit_path(result["folder"], second).with_suffix(".error.txt").exists()
 
 
+@pytest.mark.parametrize("cpus, gpus, message", [
+    (0, 0.0, "--cpus-per-unit must be an integer >= 1"),
+    (1, -1.0, "--gpus-per-unit must be a share in"), (1, float("nan"), "--gpus-per-unit"),
+    (1, 1.5, "--gpus-per-unit must be a share in")])
+def test_a_units_resource_request_is_checked_before_anything_runs(cpus, gpus, message):
+    from mesa_utils.sweep import check_share
+    with pytest.raises(ValueError, match=message):
+        check_share(cpus, gpus)
+    check_share(2, 0.25)
+    check_share(1, 2.0)
+
+
+def test_a_sweep_the_cluster_can_never_hold_or_reach_is_refused_at_once(tmp_path, store):
+    import time
+    from mesa_utils.sweep import check_grantable, check_reachable, run_sweep
+    with pytest.raises(ValueError, match="--gpus-per-unit 0.25 asks more GPUs than the cluster"):
+        check_grantable({"CPU": 2.0}, 1, 0.25)
+    with pytest.raises(ValueError, match="--cpus-per-unit 2 asks more CPUs than the cluster"):
+        check_grantable({"CPU": 1.0, "GPU": 1.0}, 2, 0.0)
+    check_grantable({"CPU": 4.0, "GPU": 1.0}, 2, 0.25)
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match="no Ray cluster answers at 127.0.0.1:1"):
+        check_reachable("127.0.0.1:1")
+    with pytest.raises(ValueError, match="--address must be 'auto' or host:port"):
+        check_reachable("nowhere")
+    # Ray on this machine without a GPU: refused before the clean model is trained
+    with pytest.raises(ValueError, match="asks more GPUs than the cluster has"):
+        run_sweep("smoke", CPU, workers=1, gpus_per_unit=0.25, outputs="gpu", root=tmp_path)
+    assert time.monotonic() - start < 60
+    assert not (store / "clean").exists()
+
+
 def test_a_random_colour_trigger_set_runs_through_the_same_units(tmp_path, store):
     # Appendix B's random-colour triggers: numbered, seeded, attacked and defended alike
     cfg = make_config("smoke", **CPU, trigger_set="random_colour", triggers=(3,),
