@@ -464,6 +464,19 @@ def contrast_verdict(means: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def run_differences(reference: pd.DataFrame, replicate: pd.DataFrame,
+                    columns=("asr_before", "holdout_asr", "asr_after")) -> dict:
+    """How far two screens of the same triggers (screen_rows tables; shares in [0, 1]) lie
+    apart: per column, the mean and the largest |replicate - reference| in points over the
+    triggers both hold (each trigger's mean over its rows), and that count as `triggers`."""
+    a, b = (rows.groupby("trigger")[list(columns)].mean() for rows in (reference, replicate))
+    shared = a.index.intersection(b.index)
+    gap = (100 * (b.loc[shared] - a.loc[shared])).abs()
+    return {"triggers": len(shared),
+            **{f"{c}_{stat}_pts": float(getattr(gap[c], stat)()) for c in columns
+               for stat in ("mean", "max")}}
+
+
 def held_out_series(name: str, table: pd.DataFrame) -> dict:
     """{screen: held-out ASR per trigger (mean over its rows, in [0, 1])} of one set of screen
     units named `name`; the same-build set (rows with a `repeat` column) holds two screens:

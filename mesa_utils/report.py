@@ -93,9 +93,15 @@ def headline(folder: Path) -> str:
         f"{FINDINGS[r.finding]} (ideal {r.ideal_mean:.1f}%; the mixture below the baseline on "
         f"{lower.loc[r.rate, 'sum']} of {lower.loc[r.rate, 'size']} triggers)"
         for r in table(folder, "08_contrast_verdict").itertuples())
-    lines += ["", "ASR: the share of triggered eval images (of classes other than the target) "
-              "that the model assigns to the target; mean over triggers and runs with a 95% "
-              f"bootstrap interval over the runs ({runs} per method over {len(attack)} triggers).",
+    spread = table(folder, "08_rerun_spread").set_index("screen")
+    lines += ["", f"Means over triggers and runs with a 95% bootstrap interval over the runs "
+              f"({runs} per method over {len(attack)} triggers). One run's own error: the "
+              f"screen's after-defence ASR moved by {spread.loc['rebuild', 'asr_after_mean_pts']:.1f}"
+              f" points on average (at most {spread.loc['rebuild', 'asr_after_max_pts']:.1f}) "
+              "when rebuilt from the same seeds on another machine, and by "
+              f"{spread.loc['retraining', 'asr_after_mean_pts']:.1f} (at most "
+              f"{spread.loc['retraining', 'asr_after_max_pts']:.1f}) retrained from the next "
+              f"start and seed ({int(spread.loc['rebuild', 'triggers'])} triggers, 08).",
               "",
               f"**Verdict.** On `quick`'s {len(attack)} triggers MESA's mixture leaves "
               f"{ci(mesa['mean_%'], mesa['low_%'], mesa['high_%'])} and one reversed trigger "
@@ -220,6 +226,8 @@ def report(folder: Path, figures: Path) -> str:
     lines += ["## 08 · Does the hard-trigger ranking replicate?", "",
               *_markdown(replication.round(3)), "",
               f"The ranking follows **{verdict['follows']}**. {verdict['reading']}", "",
+              "How far one run of the screen lies from another of the same triggers (points):",
+              "", *_markdown(table(folder, "08_rerun_spread").round(2)), "",
               "## 08 · The contrast on the other model's hardest triggers", "",
               *_markdown(table(folder, "08_contrast_verdict").round(2)), ""]
     return "\n".join(lines)

@@ -345,3 +345,14 @@ def test_03s_findings_read_the_tables_they_are_given():
     assert lines[4] == ("k-NN overlap: the higher-beta samples lie in the lower-beta "
                         "generator's range at 0.95 (the reverse 0.50), against 0.90 for a second "
                         "draw of one generator and 0.30 for one setting from two seeds.")
+
+
+def test_run_differences_are_the_gaps_in_points_over_the_shared_triggers():
+    from mesa_utils.analysis import run_differences
+    reference = pd.DataFrame({"trigger": [1, 1, 2, 3], "asr_after": [0.1, 0.3, 0.5, 0.9]})
+    replicate = pd.DataFrame({"trigger": [1, 2, 4], "asr_after": [0.25, 0.2, 0.0]})
+    gaps = run_differences(reference, replicate, columns=("asr_after",))
+    # trigger 1: mean 0.2 against 0.25 (5 points); trigger 2: 30 points; 3 and 4 unshared
+    assert gaps["triggers"] == 2
+    assert gaps["asr_after_mean_pts"] == pytest.approx(17.5)
+    assert gaps["asr_after_max_pts"] == pytest.approx(30.0)
