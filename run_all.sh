@@ -86,6 +86,14 @@ if [[ $PREPARE == 1 ]]; then
         echo "error: no CIFAR-10 archive to carry: \$MESA_CIFAR10_ARCHIVE names $archive, which does not exist; correct or unset it" >&2; exit 1; }
     [[ -n $archive ]] || {
         echo "error: no CIFAR-10 archive to carry: set MESA_CIFAR10_ARCHIVE or put cifar10-jpg.tar.gz in data/ or ../shared/data/" >&2; exit 1; }
+    # A checksum beside the archive is checked here, not first on the device: its time is scarce.
+    if [[ -f $archive.sha256 ]]; then
+        expected=$(awk 'NR == 1 {print $1}' "$archive.sha256")
+        [[ $expected =~ ^[0-9a-fA-F]{64}$ ]] || {
+            echo "error: the checksum file $archive.sha256 holds no SHA-256 (64 hex digits first); write the archive's (sha256sum) or delete the file" >&2; exit 1; }
+        [[ ${expected,,} == "$(sha256sum "$archive" | cut -d' ' -f1)" ]] || {
+            echo "error: $archive does not match its checksum $archive.sha256 (corrupt or truncated copy); replace it with a good copy" >&2; exit 1; }
+    fi
     mkdir -p .device
     install -m 0644 "$archive" .device/cifar10-jpg.tar.gz
     [[ ! -f $archive.sha256 ]] || install -m 0644 "$archive.sha256" .device/cifar10-jpg.tar.gz.sha256

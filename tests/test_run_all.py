@@ -329,6 +329,17 @@ def test_prepare_device_carries_the_archive_and_prints_the_command(tmp_path):
                              env={**env, "MESA_CIFAR10_ARCHIVE": str(tmp_path / "none.tgz")})
     assert missing.returncode == 1 and "no CIFAR-10 archive to carry" in missing.stderr
     assert "none.tgz, which does not exist" in missing.stderr
+    checksum = archive.parent / "cifar10-jpg.tar.gz.sha256"
+    for text, message in (("", "holds no SHA-256"), ("0" * 64, "does not match its checksum")):
+        checksum.write_text(text)
+        bad = subprocess.run(["bash", str(tmp_path / "run_all.sh"), "--prepare-device"],
+                             capture_output=True, text=True, timeout=60, env=env)
+        assert bad.returncode == 1 and message in bad.stderr
+    checksum.write_text(hashlib.sha256(b"archive bytes").hexdigest() + "  cifar10-jpg.tar.gz\n")
+    good = subprocess.run(["bash", str(tmp_path / "run_all.sh"), "--prepare-device"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert good.returncode == 0, good.stderr
+    assert (tmp_path / ".device" / "cifar10-jpg.tar.gz.sha256").read_text() == checksum.read_text()
 
 
 def test_run_all_refuses_a_python_older_than_3_11(tmp_path):

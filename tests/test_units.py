@@ -149,7 +149,7 @@ def test_a_sweep_the_cluster_can_never_hold_or_reach_is_refused_at_once(tmp_path
     # Ray on this machine without a GPU: refused before the clean model is trained
     with pytest.raises(ValueError, match="asks more GPUs than the cluster has"):
         run_sweep("smoke", CPU, workers=1, gpus_per_unit=0.25, outputs="gpu", root=tmp_path)
-    assert time.monotonic() - start < 60
+    assert time.monotonic() - start < 30          # refused, not hung
     assert not (store / "clean").exists()
 
 
