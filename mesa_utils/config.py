@@ -1,8 +1,8 @@
 """Every hyperparameter of the pipeline, in one place, as named profiles.
 
 A profile is a complete `Config`. `smoke` only checks that the code runs (CI, seconds per
-notebook); `quick` is the real method at reduced scale for a 2-core CPU (under an hour for all
-notebooks); `paper` is the paper's settings (meant for a GPU). `make_config` builds one and
+notebook); `quick` is the real method at reduced scale for a 2-core CPU (README: its run
+times); `paper` is the paper's settings (meant for a GPU). `make_config` builds one and
 applies validated overrides, e.g. `make_config("quick", triggers=(170,), **{"mesa.steps": 300})`.
 """
 import dataclasses
@@ -13,96 +13,294 @@ from dataclasses import dataclass
 
 PROFILES = ("smoke", "quick", "paper")
 
+# ---------------------------------------------------------------------------------------------
+# Rules: what a field allows. Every field names its rule beside its default (setting); a Rule's
+# `check(name, value)` raises ValueError "<dotted name> must be <rule>, got <value>", and its
+# __str__ states what it allows. Checks that involve several fields follow the profiles.
+
+def _number(x) -> str:
+    return f"{x:g}"
+
+
+class Rule:
+    """A field's allowed values: `accepts(value)`, and `check(name, value)` raising ValueError
+    "<name> must be <rule>, got <value>" (with `why`, when set, in brackets)."""
+    why = ""
+
+    def accepts(self, value) -> bool:
+        raise NotImplementedError
+
+    def check(self, name, value):
+        if not self.accepts(value):
+            reason = f" ({self.why})" if self.why else ""
+            raise ValueError(f"{name} must be {self}, got {value!r}{reason}")
+
+
+INT64_MAX = 2 ** 63 - 1      # torch's seeds and sizes are int64
+
+
+@dataclass(frozen=True)
+class Range(Rule):
+    """A number from `low` up to `high` (None: no upper bound); `low_open`/`high_open` exclude
+    the bound itself, as in the interval notation of __str__.
+
+    Integer ranges take ints only: bools are ints to Python but never a count or an index.
+    Real ranges take ints or floats and always reject NaN and +-inf, bounded or not: a
+    non-finite learning rate or weight only fails minutes into training."""
+    low: float
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    multiple_of: int | None = None
+    why: str = ""                   # shown after the error, for limits that are not obvious
+
+    def __str__(self):
+        if self.high is None:
+            text = f"{'>' if self.low_open else '>='} {_number(self.low)}"
+        else:
+            text = (f"in {'(' if self.low_open else '['}{_number(self.low)}, "
+                    f"{_number(self.high)}{')' if self.high_open else ']'}")
+        if self.multiple_of is not None:
+            text += f" and divisible by {self.multiple_of}"
+        if self.integer:
+            return "an integer " + text
+        # a bounded interval already says that +-inf is out; an open-ended one must
+        return text if self.high is not None else text + " and finite"
+
+    def accepts(self, value) -> bool:
+        if isinstance(value, bool):
+            return False
+        if self.integer and not isinstance(value, int):
+            return False
+        if not isinstance(value, (int, float)):
+            return False
+        # An int is finite, but one beyond int64 fits no tensor, seed or float (10**400 would
+        # overflow math.isfinite itself): refused whatever the bound.
+        if isinstance(value, int) and abs(value) > INT64_MAX:
+            return False
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        # Each comparison states what a valid value satisfies, so a NaN (for which every
+        # comparison is False) would fail here too, not slip through a negated test.
+        above_low = value > self.low if self.low_open else value >= self.low
+        below_high = (self.high is None or
+                      (value < self.high if self.high_open else value <= self.high))
+        return above_low and below_high and \
+            (self.multiple_of is None or value % self.multiple_of == 0)
+
+
+
+@dataclass(frozen=True)
+class OneOf(Rule):
+    """One of a fixed set of values (strings here)."""
+    choices: tuple
+
+    def __str__(self):
+        return "one of " + ", ".join(map(repr, self.choices))
+
+    def accepts(self, value) -> bool:
+        return isinstance(value, str) and value in self.choices
+
+
+@dataclass(frozen=True)
+class Flag(Rule):
+    """True or False (not 0/1, not a string: "False" would be truthy)."""
+
+    def __str__(self):
+        return "True or False"
+
+    def accepts(self, value) -> bool:
+        return isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class TriggerId(Rule):
+    """A trigger id: an integer >= 0. Which ids exist depends on `trigger_set` (the 51
+    canonical black-white ids, or any number of a random-colour trigger), checked across
+    fields by _check_trigger_ids."""
+
+    def __str__(self):
+        return "a trigger id (an integer in [0, 2^63 - 1])"
+
+    def accepts(self, value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and \
+            0 <= value <= INT64_MAX
+
+
+
+@dataclass(frozen=True)
+class DeviceName(Rule):
+    """"auto", "cpu", "cuda" or "cuda:N": the devices this code runs on. Whether the device
+    exists (e.g. CUDA) is checked when it is used (train.get_device), so configs stay
+    buildable on any machine."""
+
+    def __str__(self):
+        return "'auto', 'cpu', 'cuda' or 'cuda:N' (N a GPU's index)"
+
+    def accepts(self, value) -> bool:
+        return isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is not None
+
+
+@dataclass(frozen=True)
+class Each(Rule):
+    """A tuple whose every element passes `rule` (checked as name[i]); `length` None means
+    any non-empty length (or any length with `allow_empty`); `distinct` forbids repeats."""
+    rule: object
+    length: int | None = None
+    distinct: bool = False
+    allow_empty: bool = False
+
+    def __str__(self):
+        if self.length is None:
+            size = "a tuple" if self.allow_empty else "a non-empty tuple"
+        else:
+            size = f"a tuple of exactly {self.length} values"
+        kind = " of distinct values" if self.distinct else ""
+        return f"{size}{kind}, each {self.rule}"
+
+    def _length_fits(self, length):
+        if self.length is None:
+            return length > 0 or self.allow_empty
+        return length == self.length
+
+    def check(self, name, value):
+        if not isinstance(value, tuple) or not self._length_fits(len(value)):
+            raise ValueError(f"{name} must be {self}, got {value!r}")
+        for i, element in enumerate(value):
+            self.rule.check(f"{name}[{i}]", element)
+        if self.distinct:
+            repeated = [x for i, x in enumerate(value) if x in value[:i]]
+            if repeated:
+                raise ValueError(f"{name} must be {self}, got {value!r}: {repeated[0]!r} "
+                                 "repeats")
+
+
+COUNT = Range(low=1, integer=True)          # how many of something: at least one
+INDEX = Range(low=0, integer=True)          # seeds and class ids: 0 upward
+POSITIVE = Range(low=0, low_open=True)      # > 0 and finite: learning rates, thresholds
+NON_NEGATIVE = Range(low=0)                 # >= 0 and finite: weights, noise levels
+OPEN_UNIT = Range(low=0, high=1, low_open=True, high_open=True)     # in (0, 1)
+UNIT = Range(low=0, high=1)                 # in [0, 1]: rates, probabilities
+BELOW_ONE = Range(low=0, high=1, high_open=True)    # in [0, 1)
+RATE = Range(low=0, high=1, low_open=True)  # in (0, 1]: a share of images that gets triggers
+
+
+def setting(default=dataclasses.MISSING, rule: "Rule" = None):
+    """A config field: its default (none: the field must be given) and the Rule its values must
+    pass, which validate() reads from the field's metadata."""
+    return dataclasses.field(default=default, metadata={"rule": rule})
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     """One SGD fine-tuning/training run; serves clean training, attack and defence alike."""
-    epochs: int
-    batch_size: int = 128
-    lr: float = 1e-3                # peak learning rate for "onecycle", constant otherwise
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    schedule: str = "constant"      # "constant" or "onecycle" (linear warm-up 20%, linear decay)
-    label_smoothing: float = 0.0
-    augment: bool = False           # random crop (pad 4) + horizontal flip
-    poison_rate: float = 0.0        # per-sample probability r of pasting a trigger
+    epochs: int = setting(rule=COUNT)
+    batch_size: int = setting(128, COUNT)
+    lr: float = setting(1e-3, POSITIVE)     # peak for "onecycle", constant otherwise
+    momentum: float = setting(0.9, BELOW_ONE)   # at 1 past gradients never fade
+    nesterov: bool = setting(False, Flag())     # only with momentum > 0 (across fields)
+    weight_decay: float = setting(0.0, NON_NEGATIVE)
+    # "onecycle": linear warm-up over 20% of the steps, then linear decay
+    schedule: str = setting("constant", OneOf(("constant", "onecycle")))
+    label_smoothing: float = setting(0.0, BELOW_ONE)    # at 1 the targets carry no label
+    augment: bool = setting(False, Flag())      # random crop (pad 4) + horizontal flip
+    poison_rate: float = setting(0.0, UNIT)     # per-sample probability r of pasting a trigger
 
 
 @dataclass(frozen=True)
 class GeneratorConfig:
     """How a bank of MESA generators trains (Algorithm 2); authors' values by default."""
-    steps: int = 620                # generator steps (10 epochs of the 8K split at batch 128)
-    batch_size: int = 128           # noise vectors (= triggered images) per generator per step
-    lr: float = 2e-4                # Adam, for G and T alike
-    adam_betas: tuple = (0.5, 0.999)
-    noise_dim: int = 64             # uniform [0,1) noise, injected in 4 chunks
-    hidden: int = 512               # 2048 for CIFAR-100 in the paper
-    trigger_noise: float = 0.1      # std of Gaussian noise on triggers in the F term
+    steps: int = setting(620, COUNT)        # 10 epochs of the 8K split at batch 128
+    # noise vectors (= triggered images) per generator per step
+    batch_size: int = setting(128, Range(
+        low=2, integer=True, why="the generator's BatchNorm needs at least 2 samples per batch"))
+    lr: float = setting(2e-4, POSITIVE)     # Adam, for G and T alike
+    adam_betas: tuple = setting((0.5, 0.999), Each(BELOW_ONE, length=2))   # torch: in [0, 1)
+    # uniform [0,1) noise, injected in 4 chunks
+    noise_dim: int = setting(64, Range(low=4, integer=True, multiple_of=4,
+                                       why="the noise is injected in four equal chunks"))
+    hidden: int = setting(512, COUNT)       # 2048 for CIFAR-100 in the paper
+    trigger_noise: float = setting(0.1, NON_NEGATIVE)   # std of Gaussian noise on triggers in F
     # MINE's moving-average bias correction for T. The authors used 0.001, which over their 620
     # steps still weights the first step's value by 0.999**620 = 54% at the end: a stale
     # constant, not a running average. 0.01 (MINE's usual rate) leaves 0.2%; see mine_staleness.
-    mine_ema_rate: float = 0.01
-    eval_samples: int = 2000        # triggers sampled to measure a generator's ASR
+    # 0 would never update the average.
+    mine_ema_rate: float = setting(0.01, Range(low=0, high=1, low_open=True))
+    # triggers sampled to measure a generator's ASR; one gives no usable ASR or MI
+    eval_samples: int = setting(2000, Range(low=2, integer=True))
 
 
 @dataclass(frozen=True)
 class MesaConfig(GeneratorConfig):
     """The defence's staircase: one sub-model per beta, all at entropy weight alpha."""
-    alpha: float = 0.1              # weight of the entropy (MI) term
-    betas: tuple = (0.5, 0.8, 0.9)  # staircase thresholds beta_i on the target softmax
+    alpha: float = setting(0.1, NON_NEGATIVE)   # weight of the entropy (MI) term
+    # staircase thresholds beta_i on the target softmax; a repeat would train twice
+    betas: tuple = setting((0.5, 0.8, 0.9), Each(OPEN_UNIT, distinct=True))
 
 
 @dataclass(frozen=True)
 class DetectionConfig(GeneratorConfig):
     """Target-class detection (section 3.3, step 1): one generator per class at one beta."""
-    alpha: float = 0.1
-    beta: float = 0.8
-    threshold: float = 0.5          # a class is flagged when its generator's ASR exceeds this
+    alpha: float = setting(0.1, NON_NEGATIVE)
+    beta: float = setting(0.8, OPEN_UNIT)   # a softmax threshold: 0 and 1 are degenerate
+    # a class is flagged when its generator's ASR exceeds this (0 or 1: every or no class)
+    threshold: float = setting(0.5, OPEN_UNIT)
 
 
 @dataclass(frozen=True)
 class StudyConfig:
     """The hyper-parameter analysis of Fig. 3 (notebook 03)."""
-    trigger: int = 170              # whose backdoored model the generators model
-    alphas: tuple = (0.0, 0.1, 10.0)    # swept at beta = `beta`; must include mesa.alpha
-    beta: float = 0.8
-    samples: int = 2000             # sampled triggers per setting for the measures and figures
-    seeds: int = 3                  # every setting trained from this many seeds
-    validity_samples: int = 256     # triggers per sub-model in the validity matrix
-    validity_images: int = 64       # held-out images (outside the target) F averages over
-    neighbours: int = 3             # k of the k-NN overlap and entropy measures
+    trigger: int = setting(170, TriggerId())    # whose backdoored model the generators model
+    # swept at beta = `beta`; must include mesa.alpha (across fields)
+    alphas: tuple = setting((0.0, 0.1, 10.0), Each(NON_NEGATIVE, distinct=True))
+    beta: float = setting(0.8, OPEN_UNIT)
+    # sampled triggers per setting for the measures and figures
+    samples: int = setting(2000, Range(
+        low=2, integer=True, why="spread and nearest-neighbour measures need at least two samples"))
+    # every setting trained from this many seeds
+    seeds: int = setting(3, Range(low=1, integer=True,
+                                  why="each Fig. 3 setting is trained from study.seeds seeds, so "
+                                      "study.seeds must be 1 or more"))
+    validity_samples: int = setting(256, COUNT)     # triggers per sub-model in the validity matrix
+    validity_images: int = setting(64, COUNT)       # held-out images (not the target's) F averages
+    # k of the k-NN overlap and entropy measures; below study.samples (across fields)
+    neighbours: int = setting(3, COUNT)
 
 
 @dataclass(frozen=True)
 class VisualizationConfig:
     """Fig. 5 and Fig. 1(b) (notebook 05)."""
-    triggers: tuple = ()            # drawn triggers, a subset of `triggers`; () = all of them
-    samples: int = 1000             # samples of the beta = max sub-model per t-SNE panel
+    # drawn triggers: () = every trigger of the run, else a subset of `triggers` (across fields)
+    triggers: tuple = setting((), Each(TriggerId(), distinct=True, allow_empty=True))
+    # samples of the beta = max sub-model per t-SNE panel
+    samples: int = setting(1000, Range(low=2, integer=True, why="t-SNE needs at least two points"))
 
 
 @dataclass(frozen=True)
 class BaselineConfig:
     """Single reversed trigger: raw 3x3 pixels optimised toward the target (no entropy)."""
-    starts: int = 10                # random restarts, each retrained and evaluated
-    steps: int = 55
-    lr: float = 0.1
-    momentum: float = 0.9
-    batch_size: int = 128
+    starts: int = setting(10, COUNT)  # random restarts, each retrained and evaluated
+    steps: int = setting(55, COUNT)
+    lr: float = setting(0.1, POSITIVE)
+    momentum: float = setting(0.9, BELOW_ONE)
+    batch_size: int = setting(128, COUNT)
 
 
 @dataclass(frozen=True)
 class NeuralCleanseConfig:
     """Neural Cleanse (Wang et al., S&P 2019) mask+pattern reversal, its published settings."""
-    steps: int = 1000               # optimisation steps per class (all classes in one batch)
-    batch_size: int = 32
-    lr: float = 0.1                 # Adam, betas (0.5, 0.9)
-    init_cost: float = 1e-3         # initial weight of the mask's L1 norm
-    cost_multiplier: float = 1.5    # up by x1.5, down by /1.5**1.5
-    patience: int = 5               # checks (every `check_every` steps) before changing the cost
-    check_every: int = 10
-    asr_threshold: float = 0.99     # reversal counts as successful at this ASR
-    anomaly_threshold: float = 2.0  # MAD anomaly index above which a class is flagged
+    steps: int = setting(1000, COUNT)       # per class (all classes in one batch)
+    batch_size: int = setting(32, COUNT)
+    lr: float = setting(0.1, POSITIVE)      # Adam, betas (0.5, 0.9)
+    init_cost: float = setting(1e-3, NON_NEGATIVE)      # initial weight of the mask's L1 norm
+    # up by x1.5, down by /1.5**1.5; at 1 the cost would never move
+    cost_multiplier: float = setting(1.5, Range(low=1, low_open=True))
+    patience: int = setting(5, COUNT)       # checks (every `check_every` steps) before a change
+    check_every: int = setting(10, COUNT)
+    # reversal counts as successful at this ASR
+    asr_threshold: float = setting(0.99, Range(low=0, high=1, low_open=True))
+    anomaly_threshold: float = setting(2.0, POSITIVE)   # MAD index above which a class is flagged
 
 
 @dataclass(frozen=True)
@@ -112,29 +310,32 @@ class BlendedConfig:
     trained with the same recipe as the patch attacks (`attack`)."""
     # BackdoorBench's blend ratio for training. 0.1 planted only 69% ASR with quick's one-epoch
     # attack (measured 2026-12-02), short of the 90% every attack here must reach.
-    ratio: float = 0.2
-    seed: int = 0                   # draws the noise image (triggers.blend_pattern)
+    ratio: float = setting(0.2, OPEN_UNIT)  # 0 pastes nothing, 1 replaces the image
+    seed: int = setting(0, INDEX)   # draws the noise image (triggers.blend_pattern)
 
 
 @dataclass(frozen=True)
 class SampDetoxConfig:
     """SampDetox (Yang et al., NeurIPS 2024; notebook 06): a DDPM trained here on the clean
     training images, then two-stage purification of every input (the paper's t1, t2)."""
-    timesteps: int = 1000           # T of the cosine-schedule DDPM
+    timesteps: int = setting(1000, Range(low=2, integer=True))  # T of the cosine-schedule DDPM
     # UNet widths, one per resolution (32, 16, 8, 4 pixels), self-attention at the lowest
-    channels: tuple = (128, 256, 256, 256)
-    layers_per_block: int = 2
-    train_steps: int = 100000
-    batch_size: int = 128
-    lr: float = 2e-4                # AdamW
-    ema_decay: float = 0.9999       # the purifying UNet is the average of the training weights
+    channels: tuple = setting((128, 256, 256, 256), Each(COUNT))
+    layers_per_block: int = setting(2, COUNT)
+    train_steps: int = setting(100000, COUNT)
+    batch_size: int = setting(128, COUNT)
+    lr: float = setting(2e-4, POSITIVE)     # AdamW
+    # the purifying UNet is the average of the training weights
+    ema_decay: float = setting(0.9999, BELOW_ONE)
     # training timesteps are drawn uniformly from [0, max_train_timestep): purification never
-    # denoises from above t2, so a model for quick may concentrate on those steps
-    max_train_timestep: int = 1000
-    t1: int = 20                    # stage 1: global noise level (the paper's)
-    t2: int = 120                   # stage 2: the highest per-pixel noise level (the paper's)
-    eval_images: int = 0            # the first images of the 2K eval split purified (0 = all)
-    eval_batch_size: int = 250      # images purified together
+    # denoises from above t2, so a model for quick may concentrate on those steps (in [t2,
+    # timesteps], across fields)
+    max_train_timestep: int = setting(1000, COUNT)
+    t1: int = setting(20, COUNT)    # stage 1: global noise level (the paper's); t1 <= t2
+    t2: int = setting(120, COUNT)   # stage 2: the highest per-pixel level (the paper's); <= T
+    # the first images of the 2K eval split purified (0 = all; at most eval_size)
+    eval_images: int = setting(0, Range(low=0, integer=True))
+    eval_batch_size: int = setting(250, COUNT)  # images purified together
 
 
 @dataclass(frozen=True)
@@ -142,42 +343,52 @@ class ProtocolsConfig:
     """Notebook 07: the paper's central claim under other protocols. Every retraining there
     trains on the defender's split less its first `holdout` images, which choose the quick
     profile's retraining rate r by `ideal_max_asr` (the 2K eval split only reports)."""
-    holdout: int = 1000             # defender's images held out for choosing r
-    exposure_rates: tuple = (0.01, 0.025, 0.05, 0.1)    # retraining rates r of the curve
+    # defender's images held out for choosing r (fewer than its split: protocols.check_holdout)
+    holdout: int = setting(1000, COUNT)
+    # retraining rates r of the curve
+    exposure_rates: tuple = setting((0.01, 0.025, 0.05, 0.1), Each(RATE, distinct=True))
     # The rule for r, fixed before any run: the smallest rate of the curve at which the ideal
     # defence (retraining with the true trigger) leaves a mean held-out ASR of at most this.
     # Below it even the true trigger does not unlearn the backdoor, so no method can be told
     # apart from the others by what it removes.
-    ideal_max_asr: float = 0.05
-    map_trigger: int = 170          # whose attack is mapped over poison rate x lr x epochs
-    map_poison_rates: tuple = (0.01, 0.03, 0.1)
-    map_lrs: tuple = (1e-3, 3e-3, 1e-2)
-    map_epochs: tuple = (1,)
-    sibling_seed: int = 1           # attack seed of the baseline's sibling model (0: the model)
+    ideal_max_asr: float = setting(0.05, UNIT)
+    map_trigger: int = setting(170, TriggerId())    # mapped over poison rate x lr x epochs
+    map_poison_rates: tuple = setting((0.01, 0.03, 0.1), Each(RATE, distinct=True))
+    map_lrs: tuple = setting((1e-3, 3e-3, 1e-2), Each(POSITIVE, distinct=True))
+    map_epochs: tuple = setting((1,), Each(COUNT, distinct=True))
+    # attack seed of the baseline's sibling model (0 would be the defended model itself)
+    sibling_seed: int = setting(1, COUNT)
     # The hard-trigger screen (per-trigger units of kind "screen"): every trigger attacked, its
     # first screen_starts baseline starts retrained at screen_rate, ranked by held-out ASR.
     # 2.5% is the paper's exposure in quick (~700 triggered images over 4 epochs of 7K images;
     # the paper: 1% over 10 epochs of 8K, ~800).
-    screen_triggers: tuple = ()     # () = all 51 black-white triggers
-    screen_rate: float = 0.025
-    screen_starts: int = 1          # at most baseline.starts
+    # () = all 51 black-white triggers
+    screen_triggers: tuple = setting((), Each(TriggerId(), distinct=True, allow_empty=True))
+    screen_rate: float = setting(0.025, RATE)
+    screen_starts: int = setting(1, COUNT)  # at most baseline.starts (across fields)
 
 
 @dataclass(frozen=True)
 class Config:
-    profile: str
-    dataset: str = "cifar10"        # "cifar10" or "cifar100"
-    train_subset: int = 0           # images of the 50K training set used (0 = all)
-    test_subset: int = 0            # images of the 10K test set used (0 = all)
-    eval_size: int = 2000           # held-out evaluation split; the rest models triggers/retrains
-    width: int = 64                 # ResNet-18 base channels (64 = the paper's)
-    target: int = 0                 # attack target class
-    trigger_set: str = "black_white"    # or "random_colour" (Appendix B): triggers numbered 0..
-    triggers: tuple = (170,)        # trigger ids attacked (black-white: triggers.BW_TRIGGER_IDS)
-    seed: int = 0
-    device: str = "auto"            # "auto", "cpu", "cuda", "cuda:1", ...
-    amp: str = "auto"               # bf16 autocast: "auto" (where hardware has bf16), "on", "off"
-    eval_batch_size: int = 500
+    profile: str = setting(rule=OneOf(PROFILES))
+    dataset: str = setting("cifar10", OneOf(("cifar10", "cifar100")))
+    # images of the 50K training set used (0 = all)
+    train_subset: int = setting(0, Range(low=0, high=50000, integer=True))
+    # images of the 10K test set used (0 = all)
+    test_subset: int = setting(0, Range(low=0, high=10000, integer=True))
+    # held-out evaluation split (below the test set's size); the rest models triggers, retrains
+    eval_size: int = setting(2000, COUNT)
+    width: int = setting(64, COUNT)         # ResNet-18 base channels (64 = the paper's)
+    target: int = setting(0, INDEX)         # attack target class, below the dataset's classes
+    # or "random_colour" (Appendix B): triggers numbered 0..
+    trigger_set: str = setting("black_white", OneOf(("black_white", "random_colour")))
+    # trigger ids attacked (black-white: triggers.BW_TRIGGER_IDS); a repeat would duplicate rows
+    triggers: tuple = setting((170,), Each(TriggerId(), distinct=True))
+    seed: int = setting(0, INDEX)
+    device: str = setting("auto", DeviceName())     # "auto", "cpu", "cuda", "cuda:1", ...
+    # bf16 autocast: "auto" (where the hardware has bf16), "on", "off"
+    amp: str = setting("auto", OneOf(("auto", "on", "off")))
+    eval_batch_size: int = setting(500, COUNT)
     clean: TrainConfig = TrainConfig(epochs=30, batch_size=256, lr=0.2, nesterov=True,
                                      weight_decay=5e-4, schedule="onecycle",
                                      label_smoothing=0.1, augment=True)
@@ -195,14 +406,14 @@ class Config:
     # every non-baseline defence is retrained from this many seeds (seed, seed + 1, ...); the
     # baseline's starts are its seeds. The reversed triggers and MESA's generators stay those
     # of `seed`: the seeds repeat the retraining (batches, pasted positions, sampled triggers).
-    defense_seeds: int = 1
-    save_retrained: bool = True     # keep retrained weights in the store (51 x 17 in `paper`)
+    defense_seeds: int = setting(1, COUNT)
+    save_retrained: bool = setting(True, Flag())    # keep retrained weights (51 x 17 in paper)
     # A trigger's retrainings are trained up to this many at a time as one banked network
     # (models.ResNetBank, one grouped convolution per layer), which keeps a GPU busy where one
     # batch-128 model leaves it idle; 1 trains them one after another. Members end as the lone
     # runs would in exact arithmetic, but float32 rounding grows over a retraining (on smoke up
     # to 1.7 ASR points): a bank above 1 is part of every key that names its results.
-    retrain_bank: int = 1
+    retrain_bank: int = setting(1, COUNT)
 
 
 def _smoke() -> Config:
@@ -344,119 +555,50 @@ def _replace(obj, name, value, prefix=""):
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation: one table of rules per config dataclass, then a few checks across fields.
-#
-# Every rule is a Rule: `check(name, value)` raises ValueError "<dotted name> must be <rule>,
-# got <value>", and its __str__ states what it allows.
+# Validation: every field against the rule beside it, then the checks across fields.
 
-def _number(x) -> str:
-    return f"{x:g}"
-
-
-class Rule:
-    """A field's allowed values: `accepts(value)`, and `check(name, value)` raising ValueError
-    "<name> must be <rule>, got <value>" (with `why`, when set, in brackets)."""
-    why = ""
-
-    def accepts(self, value) -> bool:
-        raise NotImplementedError
-
-    def check(self, name, value):
-        if not self.accepts(value):
-            reason = f" ({self.why})" if self.why else ""
-            raise ValueError(f"{name} must be {self}, got {value!r}{reason}")
+SECTIONS = (Config, TrainConfig, GeneratorConfig, MesaConfig, DetectionConfig, StudyConfig,
+            VisualizationConfig, BaselineConfig, NeuralCleanseConfig, BlendedConfig,
+            SampDetoxConfig, ProtocolsConfig)
+# {dataclass: {field: its Rule}}, read from the fields (a section field, itself a dataclass,
+# has none: its own fields are checked).
+RULES = {section: {f.name: f.metadata["rule"] for f in dataclasses.fields(section)
+                   if f.metadata.get("rule") is not None} for section in SECTIONS}
 
 
-INT64_MAX = 2 ** 63 - 1      # torch's seeds and sizes are int64
+def validate(cfg: Config) -> None:
+    """Raise ValueError naming the first invalid field (dotted, e.g. `mesa.steps`), its value
+    and what it allows: every field against its rule in RULES, then the checks across fields."""
+    _check_fields(cfg, prefix="")
+    _check_across_fields(cfg)
 
 
-@dataclass(frozen=True)
-class Range(Rule):
-    """A number from `low` up to `high` (None: no upper bound); `low_open`/`high_open` exclude
-    the bound itself, as in the interval notation of __str__.
-
-    Integer ranges take ints only: bools are ints to Python but never a count or an index.
-    Real ranges take ints or floats and always reject NaN and +-inf, bounded or not: a
-    non-finite learning rate or weight only fails minutes into training."""
-    low: float
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    integer: bool = False
-    multiple_of: int | None = None
-    why: str = ""                   # shown after the error, for limits that are not obvious
-
-    def __str__(self):
-        if self.high is None:
-            text = f"{'>' if self.low_open else '>='} {_number(self.low)}"
-        else:
-            text = (f"in {'(' if self.low_open else '['}{_number(self.low)}, "
-                    f"{_number(self.high)}{')' if self.high_open else ']'}")
-        if self.multiple_of is not None:
-            text += f" and divisible by {self.multiple_of}"
-        if self.integer:
-            return "an integer " + text
-        # a bounded interval already says that +-inf is out; an open-ended one must
-        return text if self.high is not None else text + " and finite"
-
-    def accepts(self, value) -> bool:
-        if isinstance(value, bool):
-            return False
-        if self.integer and not isinstance(value, int):
-            return False
-        if not isinstance(value, (int, float)):
-            return False
-        # An int is finite, but one beyond int64 fits no tensor, seed or float (10**400 would
-        # overflow math.isfinite itself): refused whatever the bound.
-        if isinstance(value, int) and abs(value) > INT64_MAX:
-            return False
-        if isinstance(value, float) and not math.isfinite(value):
-            return False
-        # Each comparison states what a valid value satisfies, so a NaN (for which every
-        # comparison is False) would fail here too, not slip through a negated test.
-        above_low = value > self.low if self.low_open else value >= self.low
-        below_high = (self.high is None or
-                      (value < self.high if self.high_open else value <= self.high))
-        return above_low and below_high and \
-            (self.multiple_of is None or value % self.multiple_of == 0)
+def _check_fields(obj, prefix):
+    rules = RULES[type(obj)]
+    for field in dataclasses.fields(obj):
+        name, value = prefix + field.name, getattr(obj, field.name)
+        if dataclasses.is_dataclass(field.type):    # a section: its own fields
+            if not isinstance(value, field.type):
+                raise ValueError(f"{name} must be a {field.type.__name__}, got {value!r}")
+            _check_fields(value, prefix=name + ".")
+        elif field.name in rules:
+            rules[field.name].check(name, value)
+        else:   # a programming error, caught by tests/test_config.py before any user sees it
+            raise LookupError(f"config field {name} has no validation rule; declare it with "
+                              f"setting(default, rule) in {type(obj).__name__} "
+                              "(mesa_utils/config.py)")
 
 
-
-@dataclass(frozen=True)
-class OneOf(Rule):
-    """One of a fixed set of values (strings here)."""
-    choices: tuple
-
-    def __str__(self):
-        return "one of " + ", ".join(map(repr, self.choices))
-
-    def accepts(self, value) -> bool:
-        return isinstance(value, str) and value in self.choices
+# The share of MINE's moving average still resting on the first step's value at the end of
+# training, (1 - rate) ** steps, may be at most this: above it the bias correction is a stale
+# constant (quick's old 0.001 over 300 steps kept 74%).
+MINE_STALENESS_LIMIT = 0.05
 
 
-@dataclass(frozen=True)
-class Flag(Rule):
-    """True or False (not 0/1, not a string: "False" would be truthy)."""
-
-    def __str__(self):
-        return "True or False"
-
-    def accepts(self, value) -> bool:
-        return isinstance(value, bool)
-
-
-@dataclass(frozen=True)
-class TriggerId(Rule):
-    """A trigger id: an integer >= 0. Which ids exist depends on `trigger_set` (the 51
-    canonical black-white ids, or any number of a random-colour trigger), checked across
-    fields by _check_trigger_ids."""
-
-    def __str__(self):
-        return "a trigger id (an integer in [0, 2^63 - 1])"
-
-    def accepts(self, value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and \
-            0 <= value <= INT64_MAX
+def mine_staleness(rate: float, steps: int) -> float:
+    """Weight (0-1] that MINE's moving average puts on its first value after `steps` updates
+    at `rate`: (1 - rate) ** steps."""
+    return (1 - rate) ** steps
 
 
 def _check_trigger_ids(cfg) -> None:
@@ -477,245 +619,6 @@ def _check_trigger_ids(cfg) -> None:
             raise ValueError(f"{name} must be a canonical trigger id (one of the 51 in "
                              f"triggers.BW_TRIGGER_IDS) with trigger_set 'black_white', got "
                              f"{trigger_id!r}: {error}") from None
-
-
-@dataclass(frozen=True)
-class DeviceName(Rule):
-    """"auto", "cpu", "cuda" or "cuda:N": the devices this code runs on. Whether the device
-    exists (e.g. CUDA) is checked when it is used (train.get_device), so configs stay
-    buildable on any machine."""
-
-    def __str__(self):
-        return "'auto', 'cpu', 'cuda' or 'cuda:N' (N a GPU's index)"
-
-    def accepts(self, value) -> bool:
-        return isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is not None
-
-
-@dataclass(frozen=True)
-class Each(Rule):
-    """A tuple whose every element passes `rule` (checked as name[i]); `length` None means
-    any non-empty length (or any length with `allow_empty`); `distinct` forbids repeats."""
-    rule: object
-    length: int | None = None
-    distinct: bool = False
-    allow_empty: bool = False
-
-    def __str__(self):
-        if self.length is None:
-            size = "a tuple" if self.allow_empty else "a non-empty tuple"
-        else:
-            size = f"a tuple of exactly {self.length} values"
-        kind = " of distinct values" if self.distinct else ""
-        return f"{size}{kind}, each {self.rule}"
-
-    def _length_fits(self, length):
-        if self.length is None:
-            return length > 0 or self.allow_empty
-        return length == self.length
-
-    def check(self, name, value):
-        if not isinstance(value, tuple) or not self._length_fits(len(value)):
-            raise ValueError(f"{name} must be {self}, got {value!r}")
-        for i, element in enumerate(value):
-            self.rule.check(f"{name}[{i}]", element)
-        if self.distinct:
-            repeated = [x for i, x in enumerate(value) if x in value[:i]]
-            if repeated:
-                raise ValueError(f"{name} must be {self}, got {value!r}: {repeated[0]!r} "
-                                 "repeats")
-
-
-COUNT = Range(low=1, integer=True)          # how many of something: at least one
-INDEX = Range(low=0, integer=True)          # seeds and class ids: 0 upward
-POSITIVE = Range(low=0, low_open=True)      # > 0 and finite: learning rates, thresholds
-NON_NEGATIVE = Range(low=0)                 # >= 0 and finite: weights, noise levels
-OPEN_UNIT = Range(low=0, high=1, low_open=True, high_open=True)     # in (0, 1)
-UNIT = Range(low=0, high=1)                 # in [0, 1]: rates, probabilities
-BELOW_ONE = Range(low=0, high=1, high_open=True)    # in [0, 1)
-
-CONFIG_RULES = {
-    "profile": OneOf(PROFILES),
-    "dataset": OneOf(("cifar10", "cifar100")),
-    "train_subset": Range(low=0, high=50000, integer=True),     # 0 = all 50K
-    "test_subset": Range(low=0, high=10000, integer=True),      # 0 = all 10K
-    "eval_size": COUNT,                     # and below the test set size: _check_across_fields
-    "width": COUNT,
-    "target": INDEX,                        # and below the dataset's classes: across fields
-    "trigger_set": OneOf(("black_white", "random_colour")),
-    "triggers": Each(TriggerId(), distinct=True),   # a repeat would only duplicate rows
-    "seed": INDEX,
-    "device": DeviceName(),
-    "amp": OneOf(("auto", "on", "off")),
-    "eval_batch_size": COUNT,
-    "defense_seeds": COUNT,
-    "save_retrained": Flag(),
-    "retrain_bank": COUNT,
-}
-
-# clean, attack and defense; their poison_rate gets a section-specific check across fields
-TRAIN_RULES = {
-    "epochs": COUNT,
-    "batch_size": COUNT,
-    "lr": POSITIVE,
-    "momentum": BELOW_ONE,                  # at 1 past gradients never fade: SGD cannot settle
-    "nesterov": Flag(),                     # and only with momentum > 0: across fields
-    "weight_decay": NON_NEGATIVE,
-    "schedule": OneOf(("constant", "onecycle")),
-    "label_smoothing": BELOW_ONE,           # [0, 1): at 1 the targets carry no label at all
-    "augment": Flag(),
-    "poison_rate": UNIT,
-}
-
-# shared by mesa and detection
-GENERATOR_RULES = {
-    "steps": COUNT,
-    "batch_size": Range(low=2, integer=True,
-                        why="the generator's BatchNorm needs at least 2 samples per batch"),
-    "lr": POSITIVE,
-    "adam_betas": Each(BELOW_ONE, length=2),    # Adam's (beta1, beta2); torch demands [0, 1)
-    "noise_dim": Range(low=4, integer=True, multiple_of=4,
-                       why="the noise is injected in four equal chunks"),
-    "hidden": COUNT,
-    "trigger_noise": NON_NEGATIVE,
-    "mine_ema_rate": Range(low=0, high=1, low_open=True),   # 0 would never update the average
-    "eval_samples": Range(low=2, integer=True),     # one sample gives no usable ASR or MI
-}
-
-MESA_RULES = {
-    **GENERATOR_RULES,
-    "alpha": NON_NEGATIVE,
-    "betas": Each(OPEN_UNIT, distinct=True),    # softmax thresholds; a repeat trains twice
-}
-
-DETECTION_RULES = {
-    **GENERATOR_RULES,
-    "alpha": NON_NEGATIVE,
-    "beta": OPEN_UNIT,                      # a softmax threshold: 0 and 1 are degenerate
-    "threshold": OPEN_UNIT,                 # an ASR threshold at 0 or 1 flags every or no class
-}
-
-STUDY_RULES = {
-    "trigger": TriggerId(),
-    "alphas": Each(NON_NEGATIVE, distinct=True),    # and must include mesa.alpha: across fields
-    "beta": OPEN_UNIT,
-    "samples": Range(low=2, integer=True,
-                     why="spread and nearest-neighbour measures need at least two samples"),
-    "seeds": Range(low=1, integer=True,
-                   why="each Fig. 3 setting is trained from study.seeds seeds, so study.seeds "
-                       "must be 1 or more"),
-    "validity_samples": COUNT,
-    "validity_images": COUNT,
-    "neighbours": COUNT,                    # and below study.samples: across fields
-}
-
-VISUALIZATION_RULES = {
-    # () draws every trigger of the run; else a subset of `triggers`: across fields
-    "triggers": Each(TriggerId(), distinct=True, allow_empty=True),
-    "samples": Range(low=2, integer=True, why="t-SNE needs at least two points"),
-}
-
-BASELINE_RULES = {
-    "starts": COUNT,
-    "steps": COUNT,
-    "lr": POSITIVE,
-    "momentum": BELOW_ONE,
-    "batch_size": COUNT,
-}
-
-NEURAL_CLEANSE_RULES = {
-    "steps": COUNT,
-    "batch_size": COUNT,
-    "lr": POSITIVE,
-    "init_cost": NON_NEGATIVE,
-    "cost_multiplier": Range(low=1, low_open=True),     # > 1: at 1 the cost never moves
-    "patience": COUNT,
-    "check_every": COUNT,
-    "asr_threshold": Range(low=0, high=1, low_open=True),
-    "anomaly_threshold": POSITIVE,
-}
-
-BLENDED_RULES = {
-    "ratio": OPEN_UNIT,                     # 0 pastes nothing, 1 replaces the image
-    "seed": INDEX,
-}
-
-PROTOCOLS_RULES = {
-    "holdout": COUNT,                       # and below the defender's split: protocols.py
-    "exposure_rates": Each(Range(low=0, high=1, low_open=True), distinct=True),
-    "ideal_max_asr": UNIT,
-    "map_trigger": TriggerId(),
-    "map_poison_rates": Each(Range(low=0, high=1, low_open=True), distinct=True),
-    "map_lrs": Each(POSITIVE, distinct=True),
-    "map_epochs": Each(COUNT, distinct=True),
-    "sibling_seed": COUNT,                  # 0 would be the defended model itself
-    "screen_triggers": Each(TriggerId(), distinct=True, allow_empty=True),
-    "screen_rate": Range(low=0, high=1, low_open=True),
-    "screen_starts": COUNT,                 # and at most baseline.starts: across fields
-}
-
-SAMPDETOX_RULES = {
-    "timesteps": Range(low=2, integer=True),
-    "channels": Each(COUNT),                # one width per resolution, halving from 32x32
-    "layers_per_block": COUNT,
-    "train_steps": COUNT,
-    "batch_size": COUNT,
-    "lr": POSITIVE,
-    "ema_decay": BELOW_ONE,
-    "max_train_timestep": COUNT,            # at most timesteps, at least t2: across fields
-    "t1": COUNT,                            # t1 <= t2 <= timesteps: across fields
-    "t2": COUNT,
-    "eval_images": Range(low=0, integer=True),  # 0 = the whole eval split; at most its size
-    "eval_batch_size": COUNT,
-}
-
-RULES = {
-    Config: CONFIG_RULES,
-    TrainConfig: TRAIN_RULES,
-    MesaConfig: MESA_RULES,
-    DetectionConfig: DETECTION_RULES,
-    StudyConfig: STUDY_RULES,
-    VisualizationConfig: VISUALIZATION_RULES,
-    BaselineConfig: BASELINE_RULES,
-    NeuralCleanseConfig: NEURAL_CLEANSE_RULES,
-    BlendedConfig: BLENDED_RULES,
-    SampDetoxConfig: SAMPDETOX_RULES,
-    ProtocolsConfig: PROTOCOLS_RULES,
-}
-
-
-def validate(cfg: Config) -> None:
-    """Raise ValueError naming the first invalid field (dotted, e.g. `mesa.steps`), its value
-    and what it allows: every field against its rule in RULES, then the checks across fields."""
-    _check_fields(cfg, prefix="")
-    _check_across_fields(cfg)
-
-
-def _check_fields(obj, prefix):
-    rules = RULES[type(obj)]
-    for field in dataclasses.fields(obj):
-        name, value = prefix + field.name, getattr(obj, field.name)
-        if dataclasses.is_dataclass(field.type):    # a section: its own table
-            if not isinstance(value, field.type):
-                raise ValueError(f"{name} must be a {field.type.__name__}, got {value!r}")
-            _check_fields(value, prefix=name + ".")
-        elif field.name in rules:
-            rules[field.name].check(name, value)
-        else:   # a programming error, caught by tests/test_config.py before any user sees it
-            raise LookupError(f"config field {name} has no validation rule; add one to "
-                              f"RULES[{type(obj).__name__}] in mesa_utils/config.py")
-
-
-# The share of MINE's moving average still resting on the first step's value at the end of
-# training, (1 - rate) ** steps, may be at most this: above it the bias correction is a stale
-# constant (quick's old 0.001 over 300 steps kept 74%).
-MINE_STALENESS_LIMIT = 0.05
-
-
-def mine_staleness(rate: float, steps: int) -> float:
-    """Weight (0-1] that MINE's moving average puts on its first value after `steps` updates
-    at `rate`: (1 - rate) ** steps."""
-    return (1 - rate) ** steps
 
 
 def _check_across_fields(cfg: Config) -> None:
