@@ -26,7 +26,7 @@ PAPER_DETECTION = "true target >= 94.3%, other classes <= 5.8% (all 51 triggers)
 # the baseline" sentence uses (analysis.CONTRAST_MESA, chosen before the contrast ran).
 PROFILE_BUDGET, PAPER_BUDGET = "holds (300 steps x 64)", "holds (the paper's 620 steps x 128)"
 HEADLINE_METHODS = {"mesa beta=0.9": "MESA, beta = 0.9 (the paper's Fig. 4)",
-                    CONTRAST_MESA: "MESA, the staircase's mixture (Algorithm 1)",
+                    CONTRAST_MESA: "MESA, the staircase's uniform mixture",
                     "baseline": "one reversed trigger (the baseline)",
                     "neural_cleanse_crop": "Neural Cleanse, its mask pasted at random places",
                     "ideal": "the true trigger (ideal defence)",
