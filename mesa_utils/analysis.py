@@ -14,6 +14,7 @@ import torch
 from scipy.stats import rankdata
 
 from .intervals import bootstrap_interval
+from .methods import METHODS, method_label, paper_result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,24 +283,6 @@ def detection_summary(detection, target: int):
     return table
 
 
-PAPER_RESULTS = {
-    "before defence": "ASR 92.3-99.8% (mean 98.7%)",
-    "mesa beta=0.5": "worst <= 9.1%",
-    "mesa beta=0.8": "worst <= 9.1%",
-    "mesa beta=0.9": "mean 3.4%, worst 5.9%",
-    "mesa_mixture": "worst <= 9.1%",
-    "mesa_entropy_mixture": "(not in the paper's experiments)",
-    "baseline": "2.4-51.4% over runs",
-    "neural_cleanse": "(not in the paper)",
-    "neural_cleanse_crop": "(not in the paper)",
-    "ideal": "mean 2.4%",
-    "finetune": "(control, not in the paper)",
-    "random_patch": "(control, not in the paper)",
-}
-
-
-def method_label(method, beta) -> str:
-    return f"mesa beta={beta:g}" if method == "mesa" else method
 
 
 # MESA's variant that every "MESA against the baseline" sentence uses (04's conclusions, 08's
@@ -327,9 +310,8 @@ def summarize(df):
     beside the paper's numbers. "worst" grows with the number of runs: compare it only
     between methods with as many runs (column `runs`)."""
     labelled = df.assign(label=[method_label(m, b) for m, b in zip(df.method, df.beta)])
-    order = ["mesa beta=" + f"{b:g}" for b in sorted(df.beta.dropna().unique())]
-    order += ["mesa_mixture", "mesa_entropy_mixture", "baseline", "neural_cleanse",
-              "neural_cleanse_crop", "ideal", "finetune", "random_patch"]
+    order = [method_label("mesa", b) for b in sorted(df.beta.dropna().unique())]
+    order += [m for m in METHODS if m != "mesa"]
     before = df.drop_duplicates("trigger")
 
     def asr_columns(asr):
@@ -337,13 +319,13 @@ def summarize(df):
         return {"mean_asr_%": 100 * asr.mean(), "mean_asr_low_%": 100 * low,
                 "mean_asr_high_%": 100 * high, "worst_asr_%": 100 * asr.max()}
     rows = [{"method": "before defence", "runs": len(before), **asr_columns(before.asr_before),
-             "clean_change_pts": 0.0, "paper": PAPER_RESULTS["before defence"]}]
+             "clean_change_pts": 0.0, "paper": paper_result("before defence")}]
     for label in order:
         part = labelled[labelled.label == label]
         if len(part):
             rows.append({"method": label, "runs": len(part), **asr_columns(part.asr_after),
                          "clean_change_pts": 100 * (part.clean_after - part.clean_before).mean(),
-                         "paper": PAPER_RESULTS.get(label, "")})
+                         "paper": paper_result(label)})
     return pd.DataFrame(rows).round(2)
 
 

@@ -16,7 +16,7 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
-from .analysis import method_label
+from .methods import METHODS, method_label
 from .config import to_dict
 from .data import to_pixels
 from .mesa import staircase_bank
@@ -306,8 +306,7 @@ def neural_cleanse_row(ctx: Context, backdoor: Backdoor) -> dict:
             "flagged_classes": nc["flagged"].nonzero().flatten().tolist()}
 
 
-DEFENSE_METHODS = ("mesa", "mesa_mixture", "mesa_entropy_mixture", "baseline", "neural_cleanse",
-                   "neural_cleanse_crop", "ideal", "finetune", "random_patch")
+DEFENSE_METHODS = tuple(METHODS)
 
 
 def defense_sources(ctx: Context, backdoor: Backdoor, methods=DEFENSE_METHODS) -> list:

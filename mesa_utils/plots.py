@@ -12,20 +12,10 @@ import torch
 from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
 from .analysis import thin
+from .methods import CONTROLS, METHODS, method_label
 
 matplotlib.rcParams["figure.max_open_warning"] = 0   # notebooks draw many figures
 
-METHOD_STYLE = {   # method -> (label, colour, marker)
-    "mesa": ("MESA", "tab:blue", "o"),
-    "mesa_mixture": ("MESA mixture", "tab:purple", "D"),
-    "mesa_entropy_mixture": ("MESA mixture, Algorithm 1 weights", "tab:pink", "P"),
-    "baseline": ("baseline", "tab:red", "s"),
-    "neural_cleanse": ("Neural Cleanse", "tab:orange", "^"),
-    "neural_cleanse_crop": ("Neural Cleanse, cropped, random places", "gold", "<"),
-    "ideal": ("ideal", "tab:green", "*"),
-    "finetune": ("control: fine-tune, no trigger", "tab:gray", "X"),
-    "random_patch": ("control: random 3x3 patches", "tab:brown", "v"),
-}
 
 
 def _image(trigger) -> np.ndarray:
@@ -175,27 +165,23 @@ def embedding_panels(panels, min_fraction=0.04):
     return fig
 
 
-# The controls leave most of the backdoor (70-97% ASR): drawn in their own panel, so that the
-# methods' axis separates the methods.
-CONTROLS = ("finetune", "random_patch")
-
-
 def defense_figure(df: pd.DataFrame, triggers_by_id: dict):
     """Fig. 4: after-defence ASR per original trigger (sorted by the baseline's mean), every
     method as its mean over its runs (retraining seeds, or the baseline's starts) with a bar
     from its best to its worst run, the methods side by side within each trigger; the controls
-    (CONTROLS) in a panel above on their own axis, the triggers drawn with their ids below.
+    (methods.CONTROLS, which leave most of the backdoor) in a panel above on their own axis, so
+    that the methods' axis separates the methods; the triggers drawn with their ids below.
 
     df: tidy rows of defense.compare_defenses (trigger, method, beta, asr_after).
     """
-    from .analysis import method_label
     labelled = df.assign(label=[method_label(m, b) for m, b in zip(df.method, df.beta)])
     order = (labelled[labelled.method == "baseline"].groupby("trigger")["asr_after"].mean()
              .sort_values().index.tolist()) or list(dict.fromkeys(df.trigger))
     betas = sorted(df[df.method == "mesa"]["beta"].dropna().unique())
     shades = dict(zip(betas, sns.color_palette("Blues", len(betas) + 1)[1:]))
     styles = {f"mesa beta={b:g}": (f"MESA beta={b:g}", shades[b], "o") for b in betas}
-    styles.update({m: METHOD_STYLE[m] for m in METHOD_STYLE if m != "mesa"})
+    styles.update({name: (m.label, m.colour, m.marker) for name, m in METHODS.items()
+                   if name != "mesa"})
     present = [label for label in styles if (labelled.label == label).any()]
     panels = [[label for label in present if label in CONTROLS],
               [label for label in present if label not in CONTROLS]]
@@ -383,12 +369,12 @@ def attack_map_figure(table: pd.DataFrame):
 def exposure_figure(table: pd.DataFrame):
     """After-defence ASR (%) against the retraining rate r: per method its mean over the
     triggers and runs, with a bar from its best to its worst run (protocols.exposure_rows)."""
-    from .analysis import method_label
     labelled = table.assign(label=[method_label(m, b) for m, b in zip(table.method, table.beta)])
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for label in dict.fromkeys(labelled.label):
         method = labelled[labelled.label == label].method.iloc[0]
-        name, colour, marker = METHOD_STYLE[method]
+        name, colour, marker = (METHODS[method].label, METHODS[method].colour,
+                                METHODS[method].marker)
         name = label.replace("mesa beta=", "MESA beta=") if method == "mesa" else name
         stats = (labelled[labelled.label == label].groupby("rate").asr_after
                  .agg(["mean", "min", "max"]).sort_index())

@@ -24,7 +24,7 @@ import math
 import pandas as pd
 import torch
 
-from .analysis import method_label
+from .methods import method_label
 from .config import validate
 from .defense import (baseline_triggers, defense_sources, patch_source, retrain_row,
                       retraining_seeds)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from mesa_utils import plots
+from mesa_utils.methods import METHODS
 from mesa_utils.config import make_config
 from mesa_utils.outputs import NotebookOutputs
 
@@ -66,7 +67,7 @@ def test_fig4_draws_the_controls_apart_and_names_the_triggers(outputs):
     fig = plots.defense_figure(runs, {7: torch.zeros(3, 3, 3), 9: torch.ones(3, 3, 3)})
     controls, methods = fig.axes
     assert [t.get_text() for t in controls.get_legend().get_texts()] == [
-        plots.METHOD_STYLE["finetune"][0], plots.METHOD_STYLE["random_patch"][0]]
+        METHODS["finetune"].label, METHODS["random_patch"].label]
     assert methods.get_ylim()[1] < 100          # the methods' axis is not squeezed by 95%
     assert controls.get_ylim()[1] > 95
     assert all(ax.get_ylabel() for ax in fig.axes) and "trigger" in methods.get_xlabel()
