@@ -329,13 +329,16 @@ def summarize(df):
     return pd.DataFrame(rows).round(2)
 
 
+# summarize's columns under the names of mean_table's (which interval_finding reads)
+SUMMARY_COLUMNS = {"mean_asr_%": "mean_%", "mean_asr_low_%": "low_%",
+                   "mean_asr_high_%": "high_%", "worst_asr_%": "worst_%"}
+
+
 def defense_conclusions(summary: pd.DataFrame) -> list:
     """04's findings as sentences, from a summarize table: each method's mean after-defence ASR
     with its 95% interval, CONTRAST_MESA set against the baseline and the random-patch control
     by interval_finding, the worst runs beside the paper's contrast, the clean-accuracy cost."""
-    table = summary.set_index("method").rename(columns={
-        "mean_asr_%": "mean_%", "mean_asr_low_%": "low_%", "mean_asr_high_%": "high_%",
-        "worst_asr_%": "worst_%"})
+    table = summary.set_index("method").rename(columns=SUMMARY_COLUMNS)
 
     def text(method):
         row = table.loc[method]
