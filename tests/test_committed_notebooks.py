@@ -320,12 +320,6 @@ def test_committed_notebooks_carry_stamped_quick_outputs(path):
     assert problems == [], f"notebooks/{path.name}: " + "; ".join(problems)
 
 
-# Committed notebooks whose outputs still print the machine's path of the run that made them
-# (they predate store.shown); each loses its place here at its next refresh, which the test
-# below then demands.
-PRINTING_A_MACHINES_PATH = {"01_attack.ipynb", "02_target_detection.ipynb", "04_defense.ipynb",
-                            "05_visualization.ipynb", "06_sampdetox.ipynb",
-                            "07_protocols.ipynb"}
 # A path of a machine: from the root through a folder, as a run's prints would show it.
 MACHINE_PATH = r"(?<![\w.~])/(?:home|root|tmp|work|Users|check|mnt|opt|srv|var)/[\w.-]+"
 
@@ -336,6 +330,7 @@ def test_no_committed_output_or_table_holds_a_machines_path():
                for folder in ("notebooks", "figures") for path in (REPO / folder).rglob("*")
                if path.is_file() and path.suffix in (".ipynb", ".csv", ".json", ".md")
                and re.search(MACHINE_PATH, path.read_text(encoding="utf-8"))}
-    assert holding == {f"notebooks/{name}" for name in PRINTING_A_MACHINES_PATH}, (
-        "a committed file holds an absolute path of a machine (print it with store.shown), or "
-        "a refreshed notebook is still listed in PRINTING_A_MACHINES_PATH")
+    # 01, 02 and 04-07 still print out.folder (absolute): at their next refresh they must
+    # print `out` (store.shown), as 03 and 08 do, or this fails
+    assert holding == set(), (f"{sorted(holding)} hold an absolute path of a machine: print "
+                              "paths with store.shown (a notebook prints its folder as {out})")
