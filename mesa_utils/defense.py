@@ -16,10 +16,10 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
-from .methods import METHODS, method_label
 from .config import to_dict
 from .data import to_pixels
 from .mesa import staircase_bank
+from .methods import METHODS, method_label
 from .models import ResNetBank, frozen
 from .train import (Backdoor, Context, FiniteGuard, attack_success_rate, autocast,
                     clean_accuracy, eval_asr_interval, fit, fit_bank, progress,

@@ -24,11 +24,11 @@ import math
 import pandas as pd
 import torch
 
-from .methods import method_label
 from .config import validate
 from .defense import (baseline_triggers, defense_sources, patch_source, retrain_row,
                       retraining_seeds)
 from .intervals import bootstrap_interval
+from .methods import method_label
 from .train import (Backdoor, Context, attack_success_rate, backdoored_model, clean_model,
                     eval_asr_interval, progress)
 from .triggers import (BW_TRIGGER_IDS, RandomPatchSource, TriggerPaster, pattern_from_id,
