@@ -14,7 +14,8 @@ import torch
 from scipy.stats import rankdata
 
 from .intervals import bootstrap_interval
-from .methods import METHODS, method_label, paper_result
+from .mesa import entropy_weights
+from .methods import CONTRAST_MESA, CONTROLS, METHODS, method_label, paper_result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,11 +286,6 @@ def detection_summary(detection, target: int):
 
 
 
-# MESA's variant that every "MESA against the baseline" sentence uses (04's conclusions, 08's
-# contrast, the report), fixed before any of those ran: the uniform mixture over the
-# staircase, the paper's practical choice.
-CONTRAST_MESA = "mesa_mixture"
-
 
 # The findings of interval_finding, in words.
 FINDINGS = {"MESA lower": "MESA's interval lies below the baseline's",
@@ -302,6 +298,21 @@ def interval_finding(mesa, baseline) -> str:
     baseline's, "baseline lower" when wholly above, else "overlap"."""
     return ("MESA lower" if mesa["high_%"] < baseline["low_%"] else
             "baseline lower" if mesa["low_%"] > baseline["high_%"] else "overlap")
+
+
+def entropy_weight_table(staircase: pd.DataFrame) -> pd.DataFrame:
+    """Algorithm 1's mixture weights (mesa.entropy_weights) from a staircase's evaluation rows
+    (trigger, beta, mi, empty; one per sub-model): columns trigger, beta, mi, empty, gamma.
+    A trigger whose every sub-model is empty has no mixture, and no rows here."""
+    rows = []
+    for trigger, part in staircase.groupby("trigger", sort=False):
+        empty = part["empty"].astype(bool).tolist()
+        if all(empty):
+            continue
+        gamma = entropy_weights(part.mi.tolist(), empty, part.beta.tolist())
+        rows += [{"trigger": trigger, "beta": b, "mi": mi, "empty": e, "gamma": float(g)}
+                 for b, mi, e, g in zip(part.beta, part.mi, empty, gamma)]
+    return pd.DataFrame(rows, columns=["trigger", "beta", "mi", "empty", "gamma"])
 
 
 def summarize(df):
@@ -335,9 +346,10 @@ SUMMARY_COLUMNS = {"mean_asr_%": "mean_%", "mean_asr_low_%": "low_%",
 
 
 def defense_conclusions(summary: pd.DataFrame) -> list:
-    """04's findings as sentences, from a summarize table: each method's mean after-defence ASR
-    with its 95% interval, CONTRAST_MESA set against the baseline and the random-patch control
-    by interval_finding, the worst runs beside the paper's contrast, the clean-accuracy cost."""
+    """04's findings as sentences, from a summarize table of any methods that include
+    CONTRAST_MESA and the baseline: each method's mean after-defence ASR with its 95% interval,
+    CONTRAST_MESA set against the baseline (and the random-patch control, when run) by
+    interval_finding, the worst runs beside the paper's contrast, the clean-accuracy cost."""
     table = summary.set_index("method").rename(columns=SUMMARY_COLUMNS)
 
     def text(method):
@@ -346,27 +358,37 @@ def defense_conclusions(summary: pd.DataFrame) -> list:
                 f"{int(row['runs'])} runs, worst {row['worst_%']:.1f}%")
     mesa, baseline = table.loc[CONTRAST_MESA], table.loc["baseline"]
     others = [m for m in table.index if m.startswith("mesa") and m != CONTRAST_MESA]
-    retrained = [m for m in table.index if m not in ("before defence", "finetune",
-                                                       "random_patch")]
-    against_control = interval_finding(mesa, table.loc["random_patch"])
-    return [f"Before the defence: ASR {text('before defence')}.",
-            f"MESA's mixture (the variant every comparison uses): {text(CONTRAST_MESA)}; the "
-            "other MESA variants: " + "; ".join(
-                f"{m} {table.loc[m, 'mean_%']:.1f}%" for m in others) + ".",
-            f"One reversed trigger (baseline): {text('baseline')}.",
-            f"Neural Cleanse: {text('neural_cleanse')} at its place, "
-            f"{text('neural_cleanse_crop')} cut to its box at random places; ideal: "
-            f"{text('ideal')}.",
-            f"Controls: fine-tuning with no trigger {text('finetune')}; random 3x3 patches "
-            f"{text('random_patch')}; MESA's mixture is "
-            f"{'below' if against_control == 'MESA lower' else 'not below'} the random-patch "
-            "control (95% intervals).",
-            f"MESA's mixture against the baseline: {FINDINGS[interval_finding(mesa, baseline)]}"
-            f"; worst runs {mesa['worst_%']:.1f}% against {baseline['worst_%']:.1f}% (the "
-            "paper: MESA's at most 9.1%, the baseline's up to 51.4%).",
-            f"Clean accuracy changed by {table.loc[retrained, 'clean_change_pts'].min():+.1f} "
-            f"to {table.loc[retrained, 'clean_change_pts'].max():+.1f} points over the "
-            "retrained methods."]
+    retrained = [m for m in table.index if m not in ("before defence", *CONTROLS)]
+    lines = [f"Before the defence: ASR {text('before defence')}.",
+             f"MESA's mixture (the variant every comparison uses): {text(CONTRAST_MESA)}" +
+             ("; the other MESA variants: " + "; ".join(
+                 f"{m} {table.loc[m, 'mean_%']:.1f}%" for m in others) if others else "") + ".",
+             f"One reversed trigger (baseline): {text('baseline')}."]
+    cleanse = [f"{text(m)} {where}" for m, where in (
+        ("neural_cleanse", "at its place"),
+        ("neural_cleanse_crop", "cut to its box at random places")) if m in table.index]
+    if cleanse:
+        lines.append(f"Neural Cleanse: {', '.join(cleanse)}.")
+    if "ideal" in table.index:
+        lines.append(f"Ideal defence (the true trigger): {text('ideal')}.")
+    controls = [f"{label} {text(m)}" for m, label in (
+        ("finetune", "fine-tuning with no trigger"), ("random_patch", "random 3x3 patches"))
+        if m in table.index]
+    if controls:
+        against = ""
+        if "random_patch" in table.index:
+            below = interval_finding(mesa, table.loc["random_patch"]) == "MESA lower"
+            against = (f"; MESA's mixture is {'below' if below else 'not below'} the "
+                       "random-patch control (95% intervals)")
+        lines.append(f"Controls: {'; '.join(controls)}{against}.")
+    lines += [f"MESA's mixture against the baseline: "
+              f"{FINDINGS[interval_finding(mesa, baseline)]}; worst runs {mesa['worst_%']:.1f}% "
+              f"against {baseline['worst_%']:.1f}% (the paper: MESA's at most 9.1%, the "
+              "baseline's up to 51.4%).",
+              f"Clean accuracy changed by {table.loc[retrained, 'clean_change_pts'].min():+.1f} "
+              f"to {table.loc[retrained, 'clean_change_pts'].max():+.1f} points over the "
+              "retrained methods."]
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------

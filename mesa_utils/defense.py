@@ -411,12 +411,13 @@ def _run_row(ctx: Context, backdoor: Backdoor, method: str, beta, start, seed: i
 
 
 def compare_defenses(ctx: Context, backdoor: Backdoor) -> list:
-    """Every defence of 04_defense on one backdoored model (defense_sources), each retrained
-    alike from each of its retraining_seeds (retrain_many: cfg.retrain_bank at a time): tidy
+    """The defences of cfg.defense_methods on one backdoored model (defense_sources), each
+    retrained alike from each of its retraining_seeds (retrain_many: retrain_bank at once): tidy
     rows of before/after ASR and clean accuracy, one per run (seed: the retraining's);
     asr_after_low/high is the 95% Wilson interval of each run's after-defence ASR."""
     runs = [(method, beta, start, source, spec, seed)
-            for method, beta, start, source, spec in defense_sources(ctx, backdoor)
+            for method, beta, start, source, spec in defense_sources(ctx, backdoor,
+                                                                      ctx.cfg.defense_methods)
             for seed in retraining_seeds(ctx.cfg, method)]
     records = retrain_many(ctx, backdoor, [
         (source, spec, seed, _retrain_label(backdoor, method, beta, seed))

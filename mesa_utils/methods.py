@@ -31,6 +31,10 @@ METHODS = {
     "random_patch": Method("control: random 3x3 patches", "tab:brown", "v",
                            "(control, not in the paper)"),
 }
+# MESA's variant that every "MESA against the baseline" sentence uses (04's conclusions, 08's
+# contrast, the report), fixed before any of those ran: the uniform mixture over the
+# staircase, the paper's practical choice.
+CONTRAST_MESA = "mesa_mixture"
 # Retraining without knowing the trigger: what a method removes beyond them is its own.
 CONTROLS = ("finetune", "random_patch")
 # The paper's numbers for a sub-model of a given beta where it reports one apart (Fig. 4),

@@ -26,8 +26,8 @@ HEADLINE_END = "<!-- end of headline -->"
 PAPER_DETECTION = "true target >= 94.3%, other classes <= 5.8% (all 51 triggers)"
 # 03's claims table, at the profile's generator budget and at the paper's
 PROFILE_BUDGET, PAPER_BUDGET = "holds (300 steps x 64)", "holds (the paper's 620 steps x 128)"
-# The methods of the headline, in its order; MESA's mixture is the variant every "MESA against
-# the baseline" sentence uses (analysis.CONTRAST_MESA, chosen before the contrast ran).
+# The methods of the headline, in its order, those the run compared; MESA's mixture is the
+# variant every "MESA against the baseline" sentence uses (analysis.CONTRAST_MESA, chosen before the contrast ran).
 HEADLINE_METHODS = {"mesa beta=0.9": "MESA, beta = 0.9 (the paper's Fig. 4)",
                     CONTRAST_MESA: "MESA, the staircase's uniform mixture",
                     "baseline": "one reversed trigger (the baseline)",
@@ -77,6 +77,8 @@ def headline(folder: Path) -> str:
              f"{int(detection.correct.sum())} of {len(detection)} |"]
     runs = int(defense.loc["baseline", "runs"])
     for method, name in HEADLINE_METHODS.items():
+        if method not in defense.index:     # not among the run's defense_methods
+            continue
         row = defense.loc[method]
         lines.append(f"| after the defence (04): {name} | {paper_result(method)} | "
                      f"{ci(row['mean_%'], row['low_%'], row['high_%'])}, worst "

@@ -307,13 +307,27 @@ def test_04s_conclusions_compare_the_fixed_mixture_not_the_best_variant():
     assert lines[1].startswith("MESA's mixture (the variant every comparison uses): 5.0% "
                                "[4.0, 6.0] over 3 runs, worst 7.0%")
     assert "mesa beta=0.9 1.0%" in lines[1]       # the better variant is shown, not chosen
-    assert "MESA's mixture is below the random-patch control" in lines[4]
-    assert lines[5].startswith("MESA's mixture against the baseline: MESA's interval lies "
+    assert lines[3].startswith("Neural Cleanse: 9.0% [8.0, 10.0]")
+    assert lines[4].startswith("Ideal defence (the true trigger): 2.0%")
+    assert "MESA's mixture is below the random-patch control" in lines[5]
+    assert lines[6].startswith("MESA's mixture against the baseline: MESA's interval lies "
                                "below the baseline's; worst runs 7.0% against 12.0%")
-    assert lines[6] == ("Clean accuracy changed by +1.0 to +6.0 points over the retrained "
+    assert lines[7] == ("Clean accuracy changed by +1.0 to +6.0 points over the retrained "
                         "methods.")
     means["mesa_mixture"] = (8, 6, 10, 12)          # now overlapping the baseline's interval
-    assert "the intervals overlap" in defense_conclusions(_summary(means))[5]
+    assert "the intervals overlap" in defense_conclusions(_summary(means))[6]
+
+
+def test_04s_conclusions_read_only_the_methods_that_ran():
+    means = {"before defence": (99, 98, 100, 100), "mesa_mixture": (5, 4, 6, 7),
+             "baseline": (8, 7, 9, 12), "finetune": (95, 94, 96, 97)}
+    lines = defense_conclusions(_summary(means))
+    assert lines[1].endswith("worst 7.0%.")       # no other MESA variant ran
+    assert not any("Neural Cleanse" in line or "Ideal" in line for line in lines)
+    assert lines[3] == "Controls: fine-tuning with no trigger 95.0% [94.0, 96.0] over 3 runs, " \
+                       "worst 97.0%."           # no random-patch control: no finding about it
+    assert lines[-1] == ("Clean accuracy changed by +1.0 to +2.0 points over the retrained "
+                         "methods.")
 
 
 def test_03s_findings_read_the_tables_they_are_given():

@@ -154,7 +154,7 @@ def test_every_method_but_the_baseline_is_retrained_from_each_seed(toy_ctx, monk
     ctx = replace(toy_ctx, cfg=replace(toy_ctx.cfg, seed=5, defense_seeds=3))
     sources = [("mesa", 0.9, None, "s", {"kind": "mesa"}), ("baseline", None, 0, "s", {"b": 0}),
                ("baseline", None, 1, "s", {"b": 1}), ("finetune", None, None, None, {"kind": "none"})]
-    monkeypatch.setattr(defense, "defense_sources", lambda ctx, backdoor: sources)
+    monkeypatch.setattr(defense, "defense_sources", lambda ctx, backdoor, methods: sources)
     trained = []
 
     def fake_retrain_many(ctx, backdoor, runs, holdout=0):
