@@ -24,16 +24,19 @@ import traceback
 from .config import make_config
 from .data import load_cifar
 from .train import clean_model, progress, setup
-from .units import (KINDS, PIPELINE, add_run_arguments, config_from_arguments, pending_triggers,
-                    unit_folder, unit_path, unit_record, write_unit)
+from .store import shown
+from .units import (KINDS, PIPELINE, add_run_arguments, config_from_arguments, kinds_named,
+                    pending_in_any, pending_triggers, unit_folder, unit_path, unit_record,
+                    write_unit)
 
 
-def _unit_task(profile: str, overrides: dict, trigger: int, threads: int, kind: str) -> dict:
-    """One unit of the kind named `kind` in a Ray worker process: its record
-    (units.unit_record)."""
+def _unit_task(profile: str, overrides: dict, trigger: int, threads: int, kinds: list) -> list:
+    """One trigger's units of the kinds named `kinds`, in order, in a Ray worker process:
+    their records (units.unit_record)."""
     import torch
     torch.set_num_threads(max(1, threads))
-    return unit_record(setup(make_config(profile, **overrides)), trigger, KINDS[kind])
+    ctx = setup(make_config(profile, **overrides))
+    return [unit_record(ctx, trigger, KINDS[kind]) for kind in kinds]
 
 
 def check_share(cpus_per_unit, gpus_per_unit) -> None:
@@ -75,20 +78,25 @@ def check_grantable(resources: dict, cpus_per_unit, gpus_per_unit) -> None:
 
 def run_sweep(profile: str, overrides: dict | None = None, workers: int | None = None,
               address: str | None = None, cpus_per_unit: int = 1, gpus_per_unit: float = 0.0,
-              outputs: str | None = None, root=None, kind=None) -> dict:
-    """Run every pending unit of the profile (with `overrides`; of `kind`, by default the
-    pipeline's units of 01-04, units.SCREEN for 08's screen) as Ray tasks. workers: the
-    local Ray's CPUs (default all; ignored with `address`, which joins a running cluster,
-    "auto" for the local one). gpus_per_unit may be fractional (several units per GPU).
-    Returns {"folder", "done", "skipped", "failed": {trigger: error}}."""
+              outputs: str | None = None, root=None, kind: str = PIPELINE) -> dict:
+    """Run every pending unit of the profile (with `overrides`) of the kind named `kind`
+    (units.PIPELINE, the default: every kind of notebooks 01-04, trigger by trigger; "screen"
+    for 08's screen; units.KINDS) as Ray tasks, one per trigger. workers: the local Ray's CPUs
+    (default all; ignored with `address`, which joins a running cluster, "auto" for the local
+    one). gpus_per_unit may be fractional (several units per GPU). Returns {"folder" (the
+    kind's, or the pipeline's that holds its kinds'), "done", "skipped", "failed": {trigger:
+    error}} by trigger."""
     import ray
     overrides = dict(overrides or {})
-    kind = kind or PIPELINE
     cfg = make_config(profile, **overrides)
-    folder = unit_folder(cfg, outputs, root, kind)
+    kinds = kinds_named(cfg, kind)
+    folders = {k.name: unit_folder(cfg, outputs, root, kind=k) for k in kinds}
+    folder = folders[kinds[0].name].parent if kind == PIPELINE else folders[kind]
     cifar = load_cifar(cfg.dataset)         # its fingerprint: finished units must share it
-    todo = pending_triggers(cfg, folder, kind, cifar.fingerprint)
-    skipped = [t for t in kind.triggers(cfg) if t not in todo]
+    pending = {k.name: pending_triggers(cfg, folders[k.name], k, cifar.fingerprint)
+               for k in kinds}
+    todo = pending_in_any(cfg, outputs, root, kinds, cifar.fingerprint)
+    skipped = [t for t in kinds[0].triggers(cfg) if t not in todo]
     result = {"folder": folder, "done": [], "skipped": skipped, "failed": {}}
     if not todo:
         return result
@@ -107,24 +115,28 @@ def run_sweep(profile: str, overrides: dict | None = None, workers: int | None =
         clean_model(setup(cfg, cifar=cifar))     # shared by every unit: built before they start
         task = ray.remote(num_cpus=cpus_per_unit, num_gpus=gpus_per_unit,
                           max_retries=0)(_unit_task)
-        running = {task.remote(profile, overrides, t, cpus_per_unit, kind.name): t for t in todo}
-        bar = progress(range(len(running)), f"{kind.name} units ({profile})")
+        running = {task.remote(profile, overrides, t, cpus_per_unit,
+                               [k.name for k in kinds if t in pending[k.name]]): t
+                   for t in todo}
+        bar = progress(range(len(running)), f"{kind} units ({profile})")
         for _ in bar:
             ready, _ = ray.wait(list(running), num_returns=1)
             trigger = running.pop(ready[0])
+            log = unit_path(folder, trigger).with_suffix(".error.txt")
             try:
-                write_unit(unit_path(folder, trigger), ray.get(ready[0]), cfg, kind)
-                # an earlier run's failure of this unit is no longer true
-                unit_path(folder, trigger).with_suffix(".error.txt").unlink(missing_ok=True)
+                for record in ray.get(ready[0]):
+                    unit_kind = KINDS[record["kind"]]
+                    write_unit(unit_path(folders[unit_kind.name], trigger), record, cfg,
+                               unit_kind)
+                log.unlink(missing_ok=True)     # an earlier run's failure is no longer true
                 result["done"].append(trigger)
             except Exception as error:      # one unit's failure must not stop the others
-                log = unit_path(folder, trigger).with_suffix(".error.txt")
                 log.parent.mkdir(parents=True, exist_ok=True)
                 log.write_text("".join(traceback.format_exception(error)))  # remote traceback
                 cause = getattr(error, "cause", None) or error    # RayTaskError wraps it
                 result["failed"][trigger] = f"{type(cause).__name__}: {cause}".splitlines()[0]
-                print(f"unit {trigger} failed: {result['failed'][trigger]} (traceback: {log})",
-                      file=sys.stderr)
+                print(f"unit {trigger} failed: {result['failed'][trigger]} (traceback: "
+                      f"{shown(log)})", file=sys.stderr)
     finally:
         ray.shutdown()
     return result
@@ -150,8 +162,8 @@ def main(argv=None) -> int:
     except ValueError as error:
         parser.error(str(error))
     result = run_sweep(profile, overrides, args.workers, args.address, args.cpus_per_unit,
-                       args.gpus_per_unit, args.outputs, kind=KINDS[args.kind])
-    print(f"units in {result['folder']}: {len(result['done'])} run, "
+                       args.gpus_per_unit, args.outputs, kind=args.kind)
+    print(f"{args.kind} units in {shown(result['folder'])}: {len(result['done'])} run, "
           f"{len(result['skipped'])} already there, {len(result['failed'])} failed"
           + "".join(f"\n  trigger {t}: {e}" for t, e in result["failed"].items()))
     return 1 if result["failed"] else 0

@@ -41,10 +41,11 @@ def missing_modules(needed=None) -> list:
 
 
 def archive_units(folder: Path, archive: Path, root: Path) -> list:
-    """Write every unit file in `folder` into the gzipped tar `archive`, named relative to
-    `root` (untar at the repository root to restore them), atomically: a reader sees the old
-    archive or the new one, never half of one. Returns the archived triggers."""
-    paths = sorted(Path(folder).glob("unit_*.json"))
+    """Write every unit file in `folder` and its subfolders (the pipeline's kinds) into the
+    gzipped tar `archive`, named relative to `root` (untar at the repository root to restore
+    them), atomically: a reader sees the old archive or the new one, never half of one.
+    Returns the archived files' paths relative to `folder`."""
+    paths = sorted(Path(folder).rglob("unit_*.json"))
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         for path in paths:
@@ -52,7 +53,7 @@ def archive_units(folder: Path, archive: Path, root: Path) -> list:
     aside = archive.with_name(f".{archive.name}.partial")
     aside.write_bytes(buffer.getvalue())
     os.replace(aside, archive)
-    return sorted(int(p.stem.removeprefix("unit_")) for p in paths)
+    return [str(p.relative_to(folder)) for p in paths]
 
 
 def _stop(workers: list, log) -> None:
@@ -77,8 +78,8 @@ def main(argv=None) -> int:
               f"({sys.executable}) cannot import: install them (pip install "
               f"{' '.join(missing)}) or use an environment that has them", file=sys.stderr)
         return 2
-    from .units import (KINDS, add_run_arguments, config_from_arguments, pending_triggers,
-                        unit_folder)
+    from .units import (PIPELINE, add_run_arguments, config_from_arguments, kinds_named,
+                        pending_in_any, unit_folder)
     from .store import REPO_ROOT
 
     parser = argparse.ArgumentParser(prog="python -m mesa_utils.timeboxed",
@@ -109,9 +110,11 @@ def main(argv=None) -> int:
         parser.error(f"--budget must be 60 to 3600 seconds, got {args.budget:g}")
     if args.unit_seconds < 0:
         parser.error(f"--unit-seconds must be >= 0, got {args.unit_seconds:g}")
-    kind = KINDS[args.kind]
+    kinds = kinds_named(cfg, args.kind)
     deadline = started + args.budget - STOP_SECONDS
-    folder = unit_folder(cfg, args.outputs, kind=kind)
+    folder = unit_folder(cfg, args.outputs, kind=kinds[0])
+    if args.kind == PIPELINE:       # the folder that holds the pipeline kinds' folders
+        folder = folder.parent
     log_file = open(out / "run.log", "a", buffering=1)
 
     def log(message):
@@ -119,11 +122,12 @@ def main(argv=None) -> int:
         print(line, flush=True)
         log_file.write(line + "\n")
 
-    pending = pending_triggers(cfg, folder, kind)     # other configs' files refuse here
-    already = len(kind.triggers(cfg)) - len(pending)
-    log(f"{cfg.profile} {kind.name} units in {folder.relative_to(REPO_ROOT)}: {len(pending)} "
+    # other configs' files refuse here
+    pending = pending_in_any(cfg, args.outputs, None, kinds)
+    already = len(kinds[0].triggers(cfg)) - len(pending)
+    log(f"{cfg.profile} {args.kind} units in {folder.relative_to(REPO_ROOT)}: {len(pending)} "
         f"pending, {already} already there; budget {args.budget:.0f} s, {args.workers} workers")
-    summary = {"profile": cfg.profile, "kind": kind.name, "overrides": overrides,
+    summary = {"profile": cfg.profile, "kind": args.kind, "overrides": overrides,
                "budget_s": args.budget, "workers": args.workers, "already_there": already}
 
     if not args.no_benchmark and pending:
@@ -153,7 +157,7 @@ def main(argv=None) -> int:
     workers = []
     for i, share in enumerate(s for s in shares if s):
         command = [sys.executable, "-m", "mesa_utils.units", "--profile", cfg.profile,
-                   "--overrides", json.dumps(overrides), "--kind", kind.name,
+                   "--overrides", json.dumps(overrides), "--kind", args.kind,
                    "--only", ",".join(map(str, share)), "--deadline", str(deadline),
                    "--unit-seconds", str(args.unit_seconds),
                    *(["--outputs", args.outputs] if args.outputs else [])]
@@ -172,14 +176,15 @@ def main(argv=None) -> int:
             stopped = True
             break
         time.sleep(POLL_SECONDS)
-        finished = sorted(int(p.stem.removeprefix("unit_")) for p in folder.glob("unit_*.json"))
+        finished = sorted(str(p.relative_to(folder)) for p in folder.rglob("unit_*.json"))
         if finished != archived:
             archived = archive_units(folder, out / "units.tgz", REPO_ROOT)
-            log(f"{len(archived) - already} of {len(pending)} units finished; units.tgz holds "
-                f"{len(archived)}")
+            done = len(pending) - len(pending_in_any(cfg, args.outputs, None, kinds))
+            log(f"{done} of {len(pending)} triggers finished; units.tgz holds "
+                f"{len(archived)} unit files")
     if folder.exists():
         archived = archive_units(folder, out / "units.tgz", REPO_ROOT)
-    left = pending_triggers(cfg, folder, kind)
+    left = pending_in_any(cfg, args.outputs, None, kinds)
     stopped_codes = {-signal.SIGTERM, -signal.SIGKILL} if stopped else set()
     failed = [i for i, w in enumerate(workers) if w.returncode not in {0, None, *stopped_codes}]
     summary.update(seconds=round(time.time() - started, 1),

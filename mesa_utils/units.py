@@ -1,20 +1,23 @@
-"""Per-trigger units: everything after the clean model for one trigger, as one piece of work
-whose output is small and tidy.
+"""Per-trigger units: the rows of notebooks 01, 02 and 04 for one trigger, as pieces of work
+whose output is small and tidy; notebooks 07 and 08 add kinds of their own.
 
-A unit runs, for one trigger id: the attack (01), target detection (02), the defence's MESA
-staircase (04, 05), the single-trigger baseline, Neural Cleanse and every retraining of the
-defence comparison (04). Each stage is cached in the artefact store, so an interrupted unit
-resumes where it stopped. Its result is the unit's rows of every table, written atomically as
-one JSON file per trigger:
+Each kind of unit is one stage of the pipeline for one trigger id: the attack (01's rows), target
+detection (02's), the defence (04's: the MESA staircase and every retraining of the comparison)
+and Neural Cleanse (04's table, when one of its methods is compared). The notebooks run their
+kind's pending units and read the merged tables, so a table is computed in one way only,
+whether its units ran in the notebook's process, as Ray tasks (sweep.py) or on a lent machine
+(timeboxed.py). Each stage is cached in the artefact store, so an interrupted unit resumes
+where it stopped and a later kind reuses what an earlier one built (the backdoored model).
+A unit's result is its rows, written atomically as one JSON file per trigger:
 
-    figures/<outputs>/units/unit_<trigger>.json
-        {"trigger", "config" (the run's complete config), "config_key", "commit",
+    figures/<outputs>/<kind's folder>/unit_<trigger>.json
+        {"trigger", "kind", "config" (the run's complete config), "config_key", "commit",
          "uncommitted_changes", "finished", "seconds", "tables": {table: [row, ...]}}
 
 `merge_units` concatenates the files of one config into one DataFrame per table. A unit file
 already there is a finished unit (skipped by `pending_triggers`); one written under another
-config is never overwritten: the run stops and names it. Units run one after another here, or
-as Ray tasks over local or cluster workers (sweep.py).
+config is never overwritten: the run stops and names it. "pipeline" names the kinds of
+notebooks 01-04 together (pipeline_kinds), run trigger by trigger.
 """
 import argparse
 import dataclasses
@@ -29,59 +32,47 @@ from typing import Callable
 
 import pandas as pd
 
-from .config import (BlendedConfig, ProtocolsConfig, SampDetoxConfig, StudyConfig,
+from .config import (BlendedConfig, Config, ProtocolsConfig, SampDetoxConfig, StudyConfig,
                      VisualizationConfig, make_config, results_dict, to_dict)
 from .data import load_cifar
 from .defense import compare_defenses, neural_cleanse_row
 from .mesa import detect_target, staircase_bank
 from .outputs import code_version, output_folder
 from .protocols import exposure_rows, repeat_triggers, screen_rows, screen_triggers
-from .store import REPO_ROOT, spec_key, write_json
+from .store import REPO_ROOT, shown, spec_key, write_json
 from .train import attack_table, backdoored_model, clean_model, progress, setup
 
-TABLES = ("attack", "detection", "staircase", "defense_runs", "neural_cleanse")
-
-
-def config_key(cfg, kind=None) -> str:
+def config_key(cfg, kind) -> str:
     """The hash of everything a unit's rows depend on: the config less config.HOW_FIELDS
     (where and how a run computes, not what), the trigger lists (a unit is one trigger) and
     the sections of notebooks 03, 05 and 06 (study, visualization, blended, sampdetox), which
-    no unit uses; the protocols section (notebook 07) counts only for the kinds that use it
-    (the screens and the contrast), and a kind with own_key adds its name. Units of one
-    profile run in several batches of triggers therefore merge."""
-    kind = kind or PIPELINE
-    protocols = (dataclasses.replace(cfg.protocols, screen_triggers=())
-                 if kind.uses_protocols else ProtocolsConfig())
+    no unit uses. The protocols section (notebooks 07, 08) counts only for the kinds that use
+    it (the screens and the contrast), and for those defense.poison_rate and defense_methods
+    do not: they retrain at the protocols' rates with their own methods. A kind with own_key
+    adds its name. Units of one profile run in several batches of triggers therefore merge."""
+    if kind.uses_protocols:
+        cfg = dataclasses.replace(
+            cfg, protocols=dataclasses.replace(cfg.protocols, screen_triggers=()),
+            defense=dataclasses.replace(cfg.defense, poison_rate=0.0),
+            defense_methods=Config.defense_methods)
+    else:
+        cfg = dataclasses.replace(cfg, protocols=ProtocolsConfig())
     neutral = dataclasses.replace(cfg, triggers=(0,), study=StudyConfig(),
                                   visualization=VisualizationConfig(), blended=BlendedConfig(),
-                                  sampdetox=SampDetoxConfig(), protocols=protocols)
+                                  sampdetox=SampDetoxConfig())
     tree = results_dict(neutral)
     if kind.own_key:    # a kind that computes other rows from the same config
         tree["unit_kind"] = kind.name
     return spec_key(tree)
 
 
-def unit_folder(cfg, outputs: str | None = None, root=None, kind=None) -> Path:
+def unit_folder(cfg, outputs: str | None = None, root=None, *, kind) -> Path:
     """Where the unit files of `cfg` go: figures/<profile or outputs>/<kind's folder>/."""
-    return (Path(root or REPO_ROOT / "figures") / output_folder(cfg, outputs)
-            / (kind or PIPELINE).folder)
+    return Path(root or REPO_ROOT / "figures") / output_folder(cfg, outputs) / kind.folder
 
 
 def unit_path(folder: Path, trigger: int) -> Path:
     return Path(folder) / f"unit_{trigger}.json"
-
-
-def unit_tables(ctx, trigger: int) -> dict:
-    """The rows {table: [row, ...]} of one trigger: attack (01's row), detection (02's rows),
-    staircase (its sub-models' evaluation), defense_runs (04's rows) and neural_cleanse
-    (04's row). Builds (or loads from the store) everything it needs."""
-    backdoor = backdoored_model(ctx, trigger)
-    bank = staircase_bank(ctx, backdoor)
-    return {"attack": attack_table(ctx, [backdoor]).to_dict("records"),
-            "detection": detect_target(ctx, backdoor),
-            "staircase": [{"trigger": trigger, **row} for row in bank.evaluation],
-            "defense_runs": compare_defenses(ctx, backdoor),
-            "neural_cleanse": [neural_cleanse_row(ctx, backdoor)]}
 
 
 @dataclass(frozen=True)
@@ -99,7 +90,42 @@ class UnitKind:
     own_key: bool = False
 
 
-PIPELINE = UnitKind("pipeline", "units", TABLES, unit_tables, lambda cfg: cfg.triggers)
+def _run_triggers(cfg):
+    return cfg.triggers
+
+
+ATTACK = UnitKind("attack", "units/attack", ("attack",),
+                  lambda ctx, trigger: {"attack": attack_table(
+                      ctx, [backdoored_model(ctx, trigger)]).to_dict("records")},
+                  _run_triggers, own_key=True)
+DETECTION = UnitKind("detection", "units/detection", ("detection",),
+                     lambda ctx, trigger: {"detection": detect_target(
+                         ctx, backdoored_model(ctx, trigger))},
+                     _run_triggers, own_key=True)
+
+
+def _defence_tables(ctx, trigger: int) -> dict:
+    """04's rows of one trigger: its staircase's sub-models evaluated and every retraining of
+    cfg.defense_methods."""
+    backdoor = backdoored_model(ctx, trigger)
+    return {"staircase": [{"trigger": trigger, **row}
+                          for row in staircase_bank(ctx, backdoor).evaluation],
+            "defense_runs": compare_defenses(ctx, backdoor)}
+
+
+DEFENCE = UnitKind("defence", "units/defence", ("staircase", "defense_runs"), _defence_tables,
+                   _run_triggers, own_key=True)
+NEURAL_CLEANSE = UnitKind("neural_cleanse", "units/neural_cleanse", ("neural_cleanse",),
+                          lambda ctx, trigger: {"neural_cleanse": [neural_cleanse_row(
+                              ctx, backdoored_model(ctx, trigger))]},
+                          _run_triggers, own_key=True)
+def pipeline_kinds(cfg) -> tuple:
+    """The kinds of notebooks 01-04 under `cfg`: attack, detection, defence, and Neural
+    Cleanse's when cfg.defense_methods compares one of its reversals."""
+    cleanse = {"neural_cleanse", "neural_cleanse_crop"} & set(cfg.defense_methods)
+    return (ATTACK, DETECTION, DEFENCE) + ((NEURAL_CLEANSE,) if cleanse else ())
+
+
 # The hard-trigger screen of notebook 07's protocols: over protocols.screen_triggers (all 51).
 SCREEN = UnitKind("screen", "screen", ("screen",),
                   lambda ctx, trigger: {"screen": screen_rows(ctx, trigger)}, screen_triggers,
@@ -126,7 +152,9 @@ CONTRAST = UnitKind("contrast", "contrast", ("contrast",),
                     lambda ctx, trigger: {"contrast": exposure_rows(
                         ctx, backdoored_model(ctx, trigger), repeated=True)},
                     lambda cfg: cfg.triggers, uses_protocols=True, own_key=True)
-KINDS = {kind.name: kind for kind in (PIPELINE, SCREEN, SCREEN_SIBLING, SCREEN_REPEAT, CONTRAST)}
+KINDS = {kind.name: kind for kind in (ATTACK, DETECTION, DEFENCE, NEURAL_CLEANSE, SCREEN,
+                                      SCREEN_SIBLING, SCREEN_REPEAT, CONTRAST)}
+PIPELINE = "pipeline"       # the name of pipeline_kinds wherever a kind is named
 
 
 def other_model_config(cfg):
@@ -192,13 +220,13 @@ def _row_problem(row) -> str | None:
     return None
 
 
-def read_unit(path: Path, cfg, kind=None, fingerprint: str | None = None) -> dict | None:
+def read_unit(path: Path, cfg, kind, fingerprint: str | None = None) -> dict | None:
     """The unit file at `path` if it exists and belongs to `cfg`, else None when it does not
     exist. A file of another config or kind, of another trigger than its name says, made from
     other data than `fingerprint` (when given; files from before units recorded it pass),
     without the kind's tables, or with a non-finite number or a share outside [0, 1] in a row
     raises ValueError naming it and what is wrong."""
-    path, kind = Path(path), kind or PIPELINE
+    path = Path(path)
     if not path.exists():
         return None
     if not path.is_file():
@@ -235,20 +263,18 @@ def read_unit(path: Path, cfg, kind=None, fingerprint: str | None = None) -> dic
     return unit
 
 
-def pending_triggers(cfg, folder: Path, kind=None, fingerprint: str | None = None) -> list:
-    """The kind's triggers (cfg.triggers for the pipeline) without a finished unit file in
+def pending_triggers(cfg, folder: Path, kind, fingerprint: str | None = None) -> list:
+    """The kind's triggers (cfg.triggers for the pipeline's) without a finished unit file in
     `folder` (files of another config raise; with `fingerprint`, so do files made from other
     data)."""
-    kind = kind or PIPELINE
     return [t for t in kind.triggers(cfg)
             if read_unit(unit_path(folder, t), cfg, kind, fingerprint) is None]
 
 
-def unit_record(ctx, trigger: int, kind=None) -> dict:
-    """One trigger's unit result: the kind's tables (unit_tables for the pipeline) with the
+def unit_record(ctx, trigger: int, kind) -> dict:
+    """One trigger's unit result: the kind's tables with the
     kind, the config, its key, the fingerprint of the data it ran on, the code version, when it
     finished and how long it took."""
-    kind = kind or PIPELINE
     start = time.time()
     tables = kind.tables(ctx, trigger)
     return {"trigger": trigger, "kind": kind.name, "config": to_dict(ctx.cfg),
@@ -260,7 +286,7 @@ def unit_record(ctx, trigger: int, kind=None) -> dict:
             "seconds": round(time.time() - start, 1), "tables": tables}
 
 
-def write_unit(path: Path, record: dict, cfg, kind=None) -> Path:
+def write_unit(path: Path, record: dict, cfg, kind) -> Path:
     """Write a unit's record to `path` unless a file got there first (another process that
     ran the same unit): that one is kept when it is this config's, refused (read_unit's
     ValueError) when it is another's. A unit file is never replaced."""
@@ -271,7 +297,7 @@ def write_unit(path: Path, record: dict, cfg, kind=None) -> Path:
     return path
 
 
-def run_unit(ctx, trigger: int, folder: Path, kind=None) -> Path:
+def run_unit(ctx, trigger: int, folder: Path, kind) -> Path:
     """Run one trigger's unit (resuming from the store) and write its file; returns the path.
     A finished unit of the same config is left as it is."""
     path = unit_path(folder, trigger)
@@ -283,31 +309,31 @@ def run_unit(ctx, trigger: int, folder: Path, kind=None) -> Path:
 def check_only(cfg, kind, only) -> set:
     """The triggers `only` names (None: all of the kind's), refused with ValueError when one is
     not among the kind's triggers of `cfg`."""
-    triggers = (kind or PIPELINE).triggers(cfg)
+    triggers = kind.triggers(cfg)
     foreign = sorted(set(only or ()) - set(triggers))
     if foreign:
-        raise ValueError(f"trigger(s) {foreign} are not among the {(kind or PIPELINE).name} "
+        raise ValueError(f"trigger(s) {foreign} are not among the {kind.name} "
                          f"units' triggers of this config; choose from {list(triggers)}")
     return set(triggers if only is None else only)
 
 
-def run_units(cfg, outputs: str | None = None, root=None, kind=None, deadline=None,
-              unit_seconds: float = 0.0, only=None) -> Path:
-    """Every pending unit of `cfg` (and kind: the pipeline by default), one after another in
-    this process, in the kind's trigger order; returns the folder. only: just these of the
-    kind's triggers (one process's share). deadline (time.time() seconds): start no unit that
-    would not finish by then, judged by the slowest unit so far (unit_seconds before the
-    first), and say which were left for a later run."""
-    folder = unit_folder(cfg, outputs, root, kind)
-    cifar = load_cifar(cfg.dataset)         # its fingerprint: finished units must share it
+def run_units(cfg, outputs: str | None = None, root=None, *, kind, deadline=None,
+              unit_seconds: float = 0.0, only=None, ctx=None) -> Path:
+    """Every pending unit of `cfg` and `kind`, one after another in this process, in the
+    kind's trigger order; returns the folder. only: just these of the kind's triggers (one
+    process's share). deadline (time.time() seconds): start no unit that would not finish by
+    then, judged by the slowest unit so far (unit_seconds before the first), and say which were
+    left for a later run. ctx: a notebook's Context of `cfg` (its data and clean model), else
+    one is set up when a unit is pending."""
+    folder = unit_folder(cfg, outputs, root, kind=kind)
+    cifar = ctx.splits if ctx is not None else load_cifar(cfg.dataset)
     todo = [t for t in pending_triggers(cfg, folder, kind, cifar.fingerprint)
             if t in check_only(cfg, kind, only)]
     if todo:
-        ctx = setup(cfg, cifar=cifar)
+        ctx = ctx or setup(cfg, cifar=cifar)
         clean_model(ctx)
         slowest = unit_seconds
-        for done, trigger in enumerate(progress(todo, f"{(kind or PIPELINE).name} units "
-                                                      f"({cfg.profile})")):
+        for done, trigger in enumerate(progress(todo, f"{kind.name} units ({cfg.profile})")):
             if deadline is not None and time.time() + slowest > deadline:
                 print(f"deadline: {len(todo) - done} unit(s) left for a later run "
                       f"({', '.join(map(str, todo[done:]))}): {deadline - time.time():.0f} s "
@@ -319,17 +345,60 @@ def run_units(cfg, outputs: str | None = None, root=None, kind=None, deadline=No
     return folder
 
 
-def merge_units(cfg, folder: Path, kind=None) -> dict:
+def merge_units(cfg, folder: Path, kind, complete: bool = False) -> dict:
     """{table: DataFrame} of every unit file of `cfg` in `folder`, in the kind's trigger order,
-    with `missing`: the triggers without one. Files of another config raise ValueError."""
-    kind = kind or PIPELINE
+    with `missing`: the triggers without one (complete: refuse any, with ValueError). Files of
+    another config raise ValueError."""
     triggers = kind.triggers(cfg)
     units = {t: read_unit(unit_path(folder, t), cfg, kind) for t in triggers}
+    missing = [t for t in triggers if units[t] is None]
+    if complete and missing:
+        raise ValueError(f"{folder} has no {kind.name} unit for trigger(s) {missing}: run them "
+                         f"first (run_units, or python -m mesa_utils.units --kind {kind.name})")
     merged = {name: pd.DataFrame([row for t in triggers if units[t]
                                   for row in units[t]["tables"][name]])
               for name in kind.table_names}
-    merged["missing"] = [t for t in triggers if units[t] is None]
+    merged["missing"] = missing
     return merged
+
+
+def pending_in_any(cfg, outputs, root, kinds, fingerprint: str | None = None) -> list:
+    """The triggers (in the first kind's order) that lack a finished unit of any of `kinds`."""
+    pending = {t for kind in kinds
+               for t in pending_triggers(cfg, unit_folder(cfg, outputs, root, kind=kind), kind,
+                                         fingerprint)}
+    return [t for t in kinds[0].triggers(cfg) if t in pending]
+
+
+def kinds_named(cfg, name: str) -> tuple:
+    """The kinds a command line names: pipeline_kinds(cfg) for PIPELINE, else the one."""
+    return pipeline_kinds(cfg) if name == PIPELINE else (KINDS[name],)
+
+
+def run_pipeline(cfg, outputs: str | None = None, root=None, deadline=None,
+                 unit_seconds: float = 0.0, only=None) -> Path:
+    """run_units of every kind of pipeline_kinds(cfg), trigger by trigger (so that a deadline
+    leaves whole triggers done); returns the folder that holds the kinds' folders. deadline:
+    start no trigger that would not finish by then, judged by the slowest trigger so far
+    (unit_seconds before the first)."""
+    kinds = pipeline_kinds(cfg)
+    chosen = check_only(cfg, kinds[0], only)
+    cifar = load_cifar(cfg.dataset)
+    todo = [t for t in pending_in_any(cfg, outputs, root, kinds, cifar.fingerprint)
+            if t in chosen]
+    ctx, slowest = None, unit_seconds
+    for done, trigger in enumerate(todo):
+        if deadline is not None and time.time() + slowest > deadline:
+            print(f"deadline: {len(todo) - done} trigger(s) left for a later run "
+                  f"({', '.join(map(str, todo[done:]))}): {deadline - time.time():.0f} s left, "
+                  f"a trigger takes ~{slowest:.0f} s", flush=True)
+            break
+        started = time.time()
+        ctx = ctx or setup(cfg, cifar=cifar)
+        for kind in kinds:
+            run_units(cfg, outputs, root, kind=kind, only=[trigger], ctx=ctx)
+        slowest = max(slowest, time.time() - started)
+    return unit_folder(cfg, outputs, root, kind=kinds[0]).parent
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,9 +413,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         "'{\"triggers\": [170, 15], \"mesa.steps\": 100}'")
     parser.add_argument("--outputs", default=None, help="folder under figures/ (default: the "
                         "profile's, or <profile>-<config hash> with overrides)")
-    parser.add_argument("--kind", choices=sorted(KINDS), default=PIPELINE.name,
-                        help="pipeline: everything of notebooks 01-04 per trigger of the profile "
-                             "(default); screen: the hard-trigger screen of notebook 08 over "
+    parser.add_argument("--kind", choices=[PIPELINE, *KINDS], default=PIPELINE,
+                        help="pipeline: every kind of notebooks 01-04 (attack, detection, "
+                             "defence, neural_cleanse when compared) per trigger of the profile "
+                             "(default), or one of them; screen: the hard-trigger screen of "
+                             "notebook 08 over "
                              "protocols.screen_triggers (all 51 by default); screen-sibling and "
                              "screen-repeat: two of its replicates (notebook 08; the third is "
                              "kind screen with the overrides of units.other_model_config); "
@@ -387,24 +458,28 @@ def main(argv=None) -> int:
     _, _, cfg = config_from_arguments(parser, args)
     if args.unit_seconds < 0 or not math.isfinite(args.unit_seconds):
         parser.error(f"--unit-seconds must be a number >= 0, got {args.unit_seconds}")
-    kind = KINDS[args.kind]
+    kinds = kinds_named(cfg, args.kind)
     try:
         only = None if args.only is None else [int(t) for t in args.only.split(",") if t]
     except ValueError:
         parser.error(f"--only needs trigger ids separated by commas, e.g. 170,15; got "
                      f"{args.only!r}")
     try:
-        chosen = check_only(cfg, kind, only)
+        chosen = check_only(cfg, kinds[0], only)
     except ValueError as error:
         parser.error(f"--only {args.only}: {error}")
     start = time.time()
-    folder = unit_folder(cfg, args.outputs, kind=kind)
-    todo = [t for t in pending_triggers(cfg, folder, kind) if t in chosen]
-    run_units(cfg, args.outputs, kind=kind, deadline=args.deadline,
-              unit_seconds=args.unit_seconds, only=only)
-    left = [t for t in pending_triggers(cfg, folder, kind) if t in chosen]
-    print(f"units in {folder}: {len(todo) - len(left)} run in {time.time() - start:.0f} s, "
-          f"{len(chosen) - len(todo)} already there, {len(left)} left")
+    todo = [t for t in pending_in_any(cfg, args.outputs, None, kinds) if t in chosen]
+    if args.kind == PIPELINE:
+        folder = run_pipeline(cfg, args.outputs, deadline=args.deadline,
+                              unit_seconds=args.unit_seconds, only=only)
+    else:
+        folder = run_units(cfg, args.outputs, kind=kinds[0], deadline=args.deadline,
+                           unit_seconds=args.unit_seconds, only=only)
+    left = [t for t in pending_in_any(cfg, args.outputs, None, kinds) if t in chosen]
+    print(f"{args.kind} units in {shown(folder)}: {len(todo) - len(left)} trigger(s) run in "
+          f"{time.time() - start:.0f} s, {len(chosen) - len(todo)} already there, "
+          f"{len(left)} left")
     return 0
 
 

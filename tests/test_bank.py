@@ -134,11 +134,12 @@ def test_a_retrain_bank_names_its_own_results():
     the lone runs) go to other unit files and another output folder than the profile's, while
     the lone runs keep the keys made before bank sizes existed."""
     from mesa_utils.outputs import output_folder, overridden_fields
-    from mesa_utils.units import config_key
+    from mesa_utils.units import DEFENCE, config_key
     with pytest.raises(ValueError, match="retrain_bank must be an integer >= 1"):
         make_config("quick", retrain_bank=0)
     banked = make_config("quick", retrain_bank=8)
-    assert config_key(banked) != config_key(make_config("quick"))
+    assert config_key(banked, DEFENCE) != config_key(make_config("quick"), DEFENCE)
     assert output_folder(banked) != "quick" and overridden_fields(banked) == {"retrain_bank": 8}
     assert "retrain_bank" not in results_dict(make_config("quick"))
-    assert config_key(make_config("quick", defense_seeds=2)) != config_key(make_config("quick"))
+    assert config_key(make_config("quick", defense_seeds=2), DEFENCE) != \
+        config_key(make_config("quick"), DEFENCE)

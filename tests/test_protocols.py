@@ -207,12 +207,13 @@ def test_the_hardest_triggers_are_planted_and_ranked_on_held_out_images():
 
 
 def test_the_contrast_units_key_is_the_command_lines():
-    from mesa_utils.units import CONTRAST, config_key, contrast_config, other_model_config
+    from mesa_utils.units import (CONTRAST, DEFENCE, config_key, contrast_config,
+                                  other_model_config)
     quick = make_config("quick")
     cfg = contrast_config(other_model_config(quick), [27, 114, 69])
     assert cfg.protocols.exposure_rates == (quick.protocols.screen_rate,
-                                            quick.defense.poison_rate) == (0.025, 0.1)
+                                            quick.defense.poison_rate) == (0.025, 0.05)
     typed = make_config("quick", seed=1, target=1, triggers=(27, 114, 69),
-                        **{"protocols.exposure_rates": (0.025, 0.1)})
+                        **{"protocols.exposure_rates": (0.025, 0.05)})
     assert config_key(cfg, CONTRAST) == config_key(typed, CONTRAST)
-    assert config_key(cfg, CONTRAST) != config_key(typed)          # the kind is in the key
+    assert config_key(cfg, CONTRAST) != config_key(typed, DEFENCE)  # the kind is in the key

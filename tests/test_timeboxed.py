@@ -16,7 +16,8 @@ import pytest
 
 from mesa_utils import timeboxed
 from mesa_utils.config import make_config
-from mesa_utils.units import config_key, run_units, unit_folder
+from mesa_utils.units import (ATTACK, KINDS, config_key, pipeline_kinds, run_pipeline, run_units,
+                              unit_folder)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,15 +44,16 @@ def test_bad_options_are_refused_before_any_work(args, message, tmp_path, capsys
 
 def test_the_archive_holds_the_unit_files_relative_to_the_root(tmp_path):
     folder = tmp_path / "figures" / "paper" / "units"
-    folder.mkdir(parents=True)
-    for trigger in (3, 11):
-        (folder / f"unit_{trigger}.json").write_text(json.dumps({"trigger": trigger}))
-    (folder / ".unit_5.json.partial").write_text("{")     # a write in progress: not a unit
+    for kind, trigger in (("attack", 3), ("defence", 11)):
+        (folder / kind).mkdir(parents=True, exist_ok=True)
+        (folder / kind / f"unit_{trigger}.json").write_text(json.dumps({"trigger": trigger}))
+    (folder / "attack" / ".unit_5.json.partial").write_text("{")     # a write in progress
     archive = tmp_path / "units.tgz"
-    assert timeboxed.archive_units(folder, archive, tmp_path) == [3, 11]
+    assert timeboxed.archive_units(folder, archive, tmp_path) == ["attack/unit_3.json",
+                                                                  "defence/unit_11.json"]
     with tarfile.open(archive) as tar:
-        assert sorted(tar.getnames()) == ["figures/paper/units/unit_11.json",
-                                          "figures/paper/units/unit_3.json"]
+        assert sorted(tar.getnames()) == ["figures/paper/units/attack/unit_3.json",
+                                          "figures/paper/units/defence/unit_11.json"]
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith("partial")] == []
 
 
@@ -59,9 +61,13 @@ def test_no_unit_starts_that_the_deadline_does_not_leave_time_for(tmp_path, monk
                                                                   capsys):
     monkeypatch.setenv("MESA_STORE", str(tmp_path / "store"))
     cfg = make_config("smoke", device="cpu")
-    folder = run_units(cfg, root=tmp_path, deadline=time.time() + 60, unit_seconds=3600)
+    folder = run_units(cfg, root=tmp_path, kind=ATTACK, deadline=time.time() + 60,
+                       unit_seconds=3600)
     assert list(folder.glob("unit_*.json")) == []
     assert "deadline: 2 unit(s) left for a later run (170, 0)" in capsys.readouterr().out
+    folder = run_pipeline(cfg, root=tmp_path, deadline=time.time() + 60, unit_seconds=3600)
+    assert list(folder.rglob("unit_*.json")) == []
+    assert "deadline: 2 trigger(s) left for a later run (170, 0)" in capsys.readouterr().out
 
 
 def _copy_repo(tmp_path) -> Path:
@@ -101,23 +107,22 @@ def test_a_run_cut_off_half_way_brings_back_every_finished_unit_and_the_next_res
         time.sleep(0.5)
     os.killpg(first.pid, signal.SIGKILL)           # the device's hard limit: no clean-up
     first.wait()
-    folder = unit_folder(make_config("smoke"), root=copy / "figures")
-    kept = _archived(archive)
-    assert len(kept) == 1                          # smoke's first trigger, cut before the second
     cfg = make_config("smoke")
+    folder = unit_folder(cfg, root=copy / "figures", kind=ATTACK).parent
+    kept = _archived(archive)
+    assert 1 <= len(kept) < 2 * len(pipeline_kinds(cfg))     # cut before the last unit
     for name, data in kept.items():                # intact, and the files the run wrote
         unit = json.loads(data)
-        assert unit["config_key"] == config_key(cfg) and name.endswith(f"_{unit['trigger']}.json")
+        assert unit["config_key"] == config_key(cfg, KINDS[unit["kind"]])
+        assert name.endswith(f"_{unit['trigger']}.json")
         assert (copy / name).read_bytes() == data
-    assert sorted(p.name for p in folder.glob("unit_*.json")) == [Path(n).name for n in kept]
+    assert sorted(str(p.relative_to(copy)) for p in folder.rglob("unit_*.json")) == list(kept)
 
     second = _start(copy, tmp_path / "out2", store)
     output, _ = second.communicate(timeout=900)
     assert second.returncode == 0, output
     summary = json.loads((tmp_path / "out2" / "summary.json").read_text())
-    assert summary["already_there"] == 1 and len(summary["finished_here"]) == 1
+    assert summary["already_there"] + len(summary["finished_here"]) == len(cfg.triggers)
+    assert cfg.triggers[-1] in summary["finished_here"]       # the one not begun before
     assert summary["left"] == [] and summary["stopped_at_budget"] is False
-    assert len(_archived(tmp_path / "out2" / "units.tgz")) == 2
-    assert {p.name for p in (tmp_path / "out2").iterdir()} == {
-        "run.log", "benchmark.txt", "worker_0.log", "units.tgz", "summary.json"}
-    assert "speedup" in (tmp_path / "out2" / "benchmark.txt").read_text()
+    assert len(_archived(tmp_path / "out2" / "units.tgz")) == 2 * len(pipeline_kinds(cfg))

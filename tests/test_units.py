@@ -1,6 +1,6 @@
 """Per-trigger units and the Ray sweep on the smoke profile (real CIFAR-10 subsets, own store):
 a unit's rows are the stages' rows, finished units are skipped, another config's file is never
-overwritten, two Ray workers give exactly the sequential results, and a failing unit is
+overwritten, two Ray workers give exactly the in-process tables, and a failing unit is
 reported while the other finishes."""
 import json
 
@@ -13,8 +13,9 @@ from mesa_utils.defense import compare_defenses
 from mesa_utils.mesa import detect_target
 from mesa_utils.train import backdoor_spec, backdoored_model, setup
 from mesa_utils.triggers import random_colour_trigger
-from mesa_utils.units import (TABLES, config_key, merge_units, pending_triggers, run_units,
-                              unit_folder, unit_path)
+from mesa_utils.units import (ATTACK, DEFENCE, DETECTION, NEURAL_CLEANSE, config_key,
+                              merge_units, pending_in_any, pending_triggers, pipeline_kinds,
+                              run_pipeline, run_units, unit_folder, unit_path)
 
 CPU = {"device": "cpu"}
 
@@ -30,13 +31,25 @@ def _frame(rows):
     return pd.DataFrame(rows).reset_index(drop=True)
 
 
+def _merged(cfg, root, outputs=None):
+    """{table: DataFrame} of every pipeline kind's units of `cfg` under root/<outputs>."""
+    return {name: frame for kind in pipeline_kinds(cfg)
+            for name, frame in merge_units(cfg, unit_folder(cfg, outputs, root, kind=kind), kind,
+                                           complete=True).items() if name != "missing"}
+
+
 def test_units_hold_the_stages_rows_merge_and_are_not_run_twice(tmp_path, store):
     cfg = make_config("smoke", **CPU)
-    folder = run_units(cfg, root=tmp_path / "figures")
-    assert folder == unit_folder(cfg, root=tmp_path / "figures")
-    assert pending_triggers(cfg, folder) == []
-    merged = merge_units(cfg, folder)
-    assert merged["missing"] == []
+    root = tmp_path / "figures"
+    # 01 runs its attack units alone: no detection generator or retraining is trained
+    folder = run_units(cfg, root=root, kind=ATTACK)
+    assert folder == unit_folder(cfg, root=root, kind=ATTACK) and folder.parts[-2:] == (
+        "units", "attack")
+    assert pending_triggers(cfg, folder, ATTACK) == [] and not (store / "mesa").exists()
+    assert pending_in_any(cfg, None, root, pipeline_kinds(cfg)) == list(cfg.triggers)
+    assert run_pipeline(cfg, root=root) == folder.parent
+    assert pending_in_any(cfg, None, root, pipeline_kinds(cfg)) == []
+    merged = _merged(cfg, root)
     # The unit's rows are what the notebooks' stage functions give (same store, same seeds).
     ctx = setup(cfg)
     for trigger in cfg.triggers:
@@ -45,32 +58,61 @@ def test_units_hold_the_stages_rows_merge_and_are_not_run_twice(tmp_path, store)
                            ("defense_runs", compare_defenses(ctx, backdoor))):
             part = merged[name][merged[name].trigger == trigger]
             pd.testing.assert_frame_equal(_frame(part), _frame(rows), check_dtype=False)
-    assert set(merged["attack"].trigger) == set(cfg.triggers) == set(merged["staircase"].trigger)
+    for name in ("attack", "staircase", "neural_cleanse"):
+        assert set(merged[name].trigger) == set(cfg.triggers)
     # A second run finds every unit finished and writes nothing.
-    stamps = {t: unit_path(folder, t).stat().st_mtime_ns for t in cfg.triggers}
-    run_units(cfg, root=tmp_path / "figures")
-    assert stamps == {t: unit_path(folder, t).stat().st_mtime_ns for t in cfg.triggers}
-    record = json.loads(unit_path(folder, cfg.triggers[0]).read_text())
-    assert record["config_key"] == config_key(cfg) and set(record["tables"]) == set(TABLES)
+    files = sorted(folder.parent.rglob("unit_*.json"))
+    assert len(files) == len(pipeline_kinds(cfg)) * len(cfg.triggers)
+    stamps = [f.stat().st_mtime_ns for f in files]
+    run_pipeline(cfg, root=root)
+    assert stamps == [f.stat().st_mtime_ns for f in files]
+    record = json.loads(unit_path(unit_folder(cfg, root=root, kind=DEFENCE), 0).read_text())
+    assert record["config_key"] == config_key(cfg, DEFENCE) and record["kind"] == "defence"
+    assert set(record["tables"]) == {"staircase", "defense_runs"}
+    # the kinds differ in key; a file of one copied into another's folder is refused
+    assert len({config_key(cfg, kind) for kind in pipeline_kinds(cfg)}) == 4
+    copied = unit_path(unit_folder(cfg, root=root, kind=DETECTION), 0)
+    copied.write_text(unit_path(folder, 0).read_text())
+    with pytest.raises(ValueError, match="another config or kind"):
+        merge_units(cfg, copied.parent, DETECTION)
+
+
+def test_the_pipeline_runs_only_the_methods_it_compares(tmp_path, store):
+    methods = ("mesa_mixture", "baseline", "finetune")
+    cfg = make_config("smoke", **CPU, triggers=(170,), defense_methods=methods)
+    assert pipeline_kinds(cfg) == (ATTACK, DETECTION, DEFENCE)     # no Neural Cleanse
+    run_pipeline(cfg, root=tmp_path)
+    runs = _merged(cfg, tmp_path)["defense_runs"]
+    assert list(dict.fromkeys(runs.method)) == list(methods)
+    assert (runs.method == "finetune").sum() == cfg.defense_seeds
+    assert not (store / "neural_cleanse").exists()
+    assert NEURAL_CLEANSE in pipeline_kinds(make_config("smoke"))
+    with pytest.raises(ValueError, match="defense_methods must include 'mesa_mixture' and "
+                                         "'baseline'"):
+        make_config("smoke", defense_methods=("baseline", "ideal"))
+    with pytest.raises(ValueError, match=r"defense_methods\[1\] must be one of"):
+        make_config("smoke", defense_methods=("baseline", "mesa_mix"))
 
 
 def test_a_unit_file_of_another_config_is_never_overwritten(tmp_path, store):
     cfg = make_config("smoke", **CPU)
-    folder = unit_folder(cfg, root=tmp_path)
+    folder = unit_folder(cfg, root=tmp_path, kind=DETECTION)
     path = unit_path(folder, cfg.triggers[0])
     path.parent.mkdir(parents=True)
     other = make_config("smoke", **{"mesa.steps": 7})
-    path.write_text(json.dumps({"trigger": cfg.triggers[0], "config_key": config_key(other),
-                                "tables": {}}))
+    path.write_text(json.dumps({"trigger": cfg.triggers[0],
+                                "config_key": config_key(other, DETECTION), "tables": {}}))
     with pytest.raises(ValueError, match="holds a unit of another config.*not overwritten"):
-        run_units(cfg, root=tmp_path)
-    assert json.loads(path.read_text())["config_key"] == config_key(other)
+        run_units(cfg, root=tmp_path, kind=DETECTION)
+    assert json.loads(path.read_text())["config_key"] == config_key(other, DETECTION)
     # the device is where a unit runs, not what it computes; the trigger list and notebook
     # 03/05's sections are no unit's business: units run in batches of triggers merge
-    assert config_key(make_config("smoke", device="cuda")) == config_key(cfg)
+    assert config_key(make_config("smoke", device="cuda"), DEFENCE) == config_key(cfg, DEFENCE)
     batch = make_config("smoke", triggers=(15, 186), **{"visualization.triggers": (),
                                                        "study.samples": 9})
-    assert config_key(batch) == config_key(cfg) != config_key(other)
+    assert config_key(batch, DEFENCE) == config_key(cfg, DEFENCE) != config_key(other, DEFENCE)
+    fewer = make_config("smoke", defense_methods=("mesa_mixture", "baseline"))
+    assert config_key(fewer, DEFENCE) != config_key(cfg, DEFENCE)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -87,16 +129,20 @@ def test_unit_commands_reject_bad_arguments_before_any_work(module, args, messag
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_ray_sweep_with_two_workers_equals_the_sequential_units_and_survives_a_failure(
+def test_ray_sweep_with_two_workers_equals_the_in_process_tables_and_survives_a_failure(
         tmp_path, store):
     from mesa_utils.sweep import run_sweep
     cfg = make_config("smoke", **CPU)
-    sequential = merge_units(cfg, run_units(cfg, outputs="sequential", root=tmp_path))
+    run_pipeline(cfg, outputs="in-process", root=tmp_path)
+    in_process = _merged(cfg, tmp_path, "in-process")
     result = run_sweep("smoke", CPU, workers=2, outputs="ray", root=tmp_path)
     assert sorted(result["done"]) == sorted(cfg.triggers) and not result["failed"]
-    parallel = merge_units(cfg, result["folder"])
-    for name in TABLES:
-        pd.testing.assert_frame_equal(parallel[name], sequential[name])
+    assert result["folder"] == unit_folder(cfg, "ray", tmp_path, kind=ATTACK).parent
+    parallel = _merged(cfg, tmp_path, "ray")
+    assert set(parallel) == set(in_process) == {"attack", "detection", "staircase",
+                                                "defense_runs", "neural_cleanse"}
+    for name, table in in_process.items():      # the notebooks' tables, byte for byte
+        assert parallel[name].to_csv(index=False) == table.to_csv(index=False), name
     # A rerun skips every finished unit.
     again = run_sweep("smoke", CPU, workers=2, outputs="ray", root=tmp_path)
     assert again["done"] == [] and sorted(again["skipped"]) == sorted(cfg.triggers)
@@ -112,7 +158,10 @@ def test_ray_sweep_with_two_workers_equals_the_sequential_units_and_survives_a_f
     assert result["done"] == [first] and list(result["failed"]) == [second]
     assert "cannot read cached" in result["failed"][second]
     assert unit_path(result["folder"], second).with_suffix(".error.txt").exists()
-    assert merge_units(broken, result["folder"])["missing"] == [second]
+    attack_folder = unit_folder(broken, "broken", tmp_path, kind=ATTACK)
+    assert merge_units(broken, attack_folder, ATTACK)["missing"] == [second]
+    with pytest.raises(ValueError, match=f"no attack unit for trigger.*\\[{second}\\]"):
+        merge_units(broken, attack_folder, ATTACK, complete=True)
     # Repaired, the rerun finishes it, and the failure's traceback goes with the failure.
     (store / "backdoor" / f"{key}.pt").unlink()
     fixed = run_sweep("smoke", {**CPU, "attack.epochs": 2}, workers=2, outputs="broken",
@@ -157,8 +206,8 @@ def test_a_random_colour_trigger_set_runs_through_the_same_units(tmp_path, store
     # Appendix B's random-colour triggers: numbered, seeded, attacked and defended alike
     cfg = make_config("smoke", **CPU, trigger_set="random_colour", triggers=(3,),
                       **{"visualization.triggers": ()})
-    merged = merge_units(cfg, run_units(cfg, root=tmp_path))
-    assert merged["missing"] == [] and set(merged["defense_runs"].trigger) == {3}
+    run_pipeline(cfg, root=tmp_path)
+    assert set(_merged(cfg, tmp_path)["defense_runs"].trigger) == {3}
     ctx = setup(cfg)
     backdoor = backdoored_model(ctx, 3)
     assert backdoor.trigger_set == "random_colour"
@@ -186,18 +235,22 @@ def test_screen_units_run_over_their_own_triggers_and_key_on_the_protocols(tmp_p
     # as Ray tasks, into their own folder: the same rows
     from mesa_utils.sweep import run_sweep
     result = run_sweep("smoke", {**CPU, "protocols.screen_triggers": [0, 7]}, workers=2,
-                       outputs="ray", root=tmp_path, kind=SCREEN)
+                       outputs="ray", root=tmp_path, kind="screen")
     assert sorted(result["done"]) == [0, 7] and result["folder"].name == "screen"
     pd.testing.assert_frame_equal(merge_units(cfg, result["folder"], SCREEN)["screen"],
                                   merged["screen"])
     rows = screen_rows(setup(cfg), 7)                   # the same rows again, from the store
     pd.testing.assert_frame_equal(_frame(merged["screen"][merged["screen"].trigger == 7]),
                                   _frame(rows), check_dtype=False)
-    # the screen's triggers do not change its key; its rate does; the pipeline ignores both
+    # the screen's triggers do not change its key; its rate does; the pipeline ignores both;
+    # the defence's rate and methods are not the screen's (it retrains at its own)
     more = make_config("smoke", **{"protocols.screen_triggers": (1,)})
     faster = make_config("smoke", **{"protocols.screen_rate": 0.5})
     assert config_key(more, SCREEN) == config_key(cfg, SCREEN) != config_key(faster, SCREEN)
-    assert config_key(faster) == config_key(cfg)
+    assert config_key(faster, DEFENCE) == config_key(cfg, DEFENCE)
+    other_defence = make_config("smoke", defense_methods=("mesa_mixture", "baseline"),
+                                **{"protocols.screen_triggers": (0, 7), "defense.poison_rate": 0.3})
+    assert config_key(other_defence, SCREEN) == config_key(cfg, SCREEN)
 
 
 def test_screen_replicates_are_kinds_of_their_own_over_the_same_models(tmp_path, store):
