@@ -2,27 +2,31 @@
 # MESA reproduction: set up the environment if needed, then run the numbered notebooks with
 # papermill for one profile (default: quick), the test suite, or the per-trigger units as Ray tasks.
 #
-#   ./run_all.sh                          notebooks 01-06 (the paper's pipeline), quick profile
+#   ./run_all.sh                          notebooks 01-05 (the paper's pipeline), quick profile
 #   ./run_all.sh --profile smoke|quick|paper [papermill options, e.g. -p seed 1 -y 'triggers: [170]']
-#   ./run_all.sh --only 03,04             only these notebooks, run in numeric order; 07 (the
-#                                         claim under other protocols, ~2 h in quick; 08 too) run only so
+#   ./run_all.sh --only 03,04             only these notebooks, run in numeric order; 06-08 run
+#                                         only so (06 SampDetox, ~30 min in quick; 07 the claim
+#                                         under other protocols, ~2 h; 08 the hard-trigger screen)
 #   ./run_all.sh --test                   unit tests + every notebook under nbval (smoke profile)
 #   ./run_all.sh --profile paper --workers N [--address A] [sweep options, e.g. --gpus-per-unit 0.25]
-#                                         the per-trigger units as Ray tasks (mesa_utils/sweep.py):
+#                                         the per-trigger units of 01-04 as Ray tasks, then the
+#                                         notebooks 01-05, which read them (mesa_utils/sweep.py):
 #                                         N local workers, or a running cluster at A ('auto');
 #                                         results in figures/<profile>/units/, finished units skipped
 #   ./run_all.sh --prepare-device         copy what a GPU machine without internet needs (the CIFAR-10
 #                                         archive) into .device/ and print the one command to run
 #                                         there (the retraining benchmark, then the units)
 #   ./run_all.sh --refresh-notebooks [--only 07]
-#                                         notebooks 01-06 (or those named), quick profile, then
+#                                         notebooks 01-05 (or those named), quick profile, then
 #                                         their outputs into the committed notebooks, stamped with
 #                                         the commit (which must hold all code: no uncommitted
 #                                         changes, no other options)
 #
 # Executed notebooks are kept in data/runs/<profile>/; figures and CSV tables go to
 # figures/<profile>/ (with overrides: figures/<profile>-<config hash>/), each notebook's with its
-# NN_run.json (the config that made them). The first error stops the run (non-zero exit).
+# NN_run.json (the config that made them). The first error stops the run (non-zero exit). A run
+# that succeeds writes its record (times, commit, machine) to data/runs/<profile>/run_all.json,
+# the whole default pipeline also to figures/<profile>/run_all.json: the next run's estimates.
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
@@ -55,7 +59,7 @@ while (($#)); do
                    ADDRESS=$2; SWEEP=1; shift 2 ;;
         --address=*) ADDRESS=${1#--address=}; SWEEP=1; shift ;;
         --prepare-device) PREPARE=1; shift ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         *) PASSTHROUGH+=("$1"); shift ;;
     esac
 done
@@ -105,12 +109,18 @@ if [[ $PREPARE == 1 ]]; then
     exit 0
 fi
 
-# The sweep runs units, not notebooks: options of the notebook modes would be ignored there.
+# The sweep runs the pipeline's units as Ray tasks, then the notebooks read them: its options are
+# the units' resources only, since notebooks of another config would not read its units.
 if [[ $SWEEP == 1 ]]; then
     [[ $MODE != test && $REFRESH == 0 && $ONLY_GIVEN == 0 ]] || {
         echo "error: --workers/--address run the per-trigger units as Ray tasks; they cannot be combined with --test, --refresh-notebooks or --only" >&2; exit 2; }
     [[ -z $WORKERS || $WORKERS =~ ^[1-9][0-9]*$ ]] || {
         echo "error: --workers needs a number of workers of 1 or more, got '$WORKERS'" >&2; exit 2; }
+    for ((i = 0; i < ${#PASSTHROUGH[@]}; i += 2)); do
+        [[ ${PASSTHROUGH[i]} == --cpus-per-unit || ${PASSTHROUGH[i]} == --gpus-per-unit ]] &&
+            (( i + 1 < ${#PASSTHROUGH[@]} )) || {
+            echo "error: with --workers/--address, run_all.sh takes only --cpus-per-unit N and --gpus-per-unit S (got: ${PASSTHROUGH[*]}); for other kinds or overrides run python -m mesa_utils.sweep" >&2; exit 2; }
+    done
 fi
 
 # --refresh-notebooks commits the outputs as those of the quick profile of the code at HEAD:
@@ -131,9 +141,9 @@ fi
 # --- the notebooks to run (checked before the set-up, which can take minutes) -------------------
 shopt -s nullglob
 NOTEBOOKS=(notebooks/[0-9][0-9]_*.ipynb)
-# Notebooks from STUDIES_FROM on test the paper's claim beyond its figures and take long: they run
-# when --only names them, never by default (--test runs every notebook).
-STUDIES_FROM=07
+# Notebooks from STUDIES_FROM on go beyond the paper's figures and take long (06 SampDetox ~30 min
+# in quick, 07 hours): they run when --only names them, never by default (--test runs every one).
+STUDIES_FROM=06
 if [[ $MODE == run ]]; then
     (( ${#NOTEBOOKS[@]} )) || { echo "error: no notebooks found in notebooks/" >&2; exit 1; }
     NUMBERS=$(basename -a "${NOTEBOOKS[@]}" | cut -c1-2 | paste -sd ' ')
@@ -204,8 +214,10 @@ if [[ $MODE == test ]]; then
     exec python -m pytest tests notebooks --nbval-lax -p no:cacheprovider "${PASSTHROUGH[@]}"
 fi
 if [[ $SWEEP == 1 ]]; then
-    exec python -m mesa_utils.sweep --profile "$PROFILE" ${WORKERS:+--workers "$WORKERS"} \
-        ${ADDRESS:+--address "$ADDRESS"} "${PASSTHROUGH[@]}"
+    python -m mesa_utils.sweep --profile "$PROFILE" ${WORKERS:+--workers "$WORKERS"} \
+        ${ADDRESS:+--address "$ADDRESS"} "${PASSTHROUGH[@]}" || {
+        echo "error: the sweep left units unfinished (above); the notebooks were not run" >&2; exit 1; }
+    PASSTHROUGH=()      # the sweep's: the notebooks read its units under the profile's config
 fi
 
 # --- run the numbered notebooks in order --------------------------------------------------------
@@ -213,7 +225,9 @@ fi
 python -m mesa_utils.notebook_parameters "${NOTEBOOKS[@]}" -- "${PASSTHROUGH[@]}" || exit 2
 OUTDIR=data/runs/$PROFILE
 mkdir -p "$OUTDIR"
-START=$(date +%s)
+# Read before the first notebook: whether the store was empty says what the run's times mean.
+BEGUN=$(python -m mesa_utils.run_record begin)
+TIMES=()
 # The library's progress bars go to this terminal, not into the notebooks (train.progress), and
 # papermill prints each cell's outputs here as they come: the terminal shows what runs.
 export MESA_TERMINAL_PROGRESS=1
@@ -223,7 +237,7 @@ for nb in "${NOTEBOOKS[@]}"; do
     # never overwrites the last complete executed notebook. One left by an earlier run goes first.
     partial=$OUTDIR/${name%.ipynb}.partial.ipynb
     rm -f "$partial"
-    echo "=== $name (profile $PROFILE) ==="
+    python -m mesa_utils.run_record announce "$PROFILE" "$nb"
     t0=$(date +%s)
     if ! papermill "$nb" "$partial" --cwd notebooks -p profile "$PROFILE" \
             --log-output --no-progress-bar "${PASSTHROUGH[@]}"; then
@@ -235,9 +249,16 @@ for nb in "${NOTEBOOKS[@]}"; do
         exit 1
     fi
     mv -f "$partial" "$OUTDIR/$name"
-    echo "=== $name done in $(( $(date +%s) - t0 )) s ==="
+    seconds=$(( $(date +%s) - t0 ))
+    echo "=== $name done in $(python -m mesa_utils.run_record duration "$seconds") ==="
+    TIMES+=(--notebook "$name" "$seconds")
 done
-echo "all ${#NOTEBOOKS[@]} notebooks done in $(( $(date +%s) - START )) s; executed notebooks in $OUTDIR; each printed the figures/ folder it published to"
+# The run's record, before the refresh: a refresh run's, in figures/quick/, is committed with the
+# outputs it made.
+RECORD=(--begun "$BEGUN" --profile "$PROFILE" "${TIMES[@]}")
+[[ $ONLY_GIVEN == 0 ]] || RECORD+=(--only)
+[[ $REFRESH == 0 ]] || RECORD+=(--refresh)
+python -m mesa_utils.run_record finish "${RECORD[@]}" -- "${PASSTHROUGH[@]}"
 [[ $REFRESH == 1 ]] || exit 0
 
 # --- --refresh-notebooks: the executed outputs into the committed notebooks -------------------

@@ -1,5 +1,6 @@
-"""run_all.sh refuses bad arguments with a clear message (before running anything), and a failed
-notebook never overwrites the last complete executed notebook."""
+"""run_all.sh refuses bad arguments with a clear message (before running anything), a failed
+notebook never overwrites the last complete executed notebook, and a run that succeeds leaves its
+record."""
 import hashlib
 import json
 import os
@@ -65,6 +66,8 @@ def test_run_all_test_rejects_options_it_would_ignore(args, message):
     (["--workers", "2", "--test"], "they cannot be combined with --test"),
     (["--address", "auto", "--only", "03"], "they cannot be combined with --test, "
                                             "--refresh-notebooks or --only"),
+    (["--workers", "2", "-p", "seed", "1"], "takes only --cpus-per-unit N and --gpus-per-unit S"),
+    (["--address", "auto", "--kind", "screen"], "for other kinds or overrides run python -m"),
 ])
 def test_run_all_sweep_rejects_bad_arguments(args, message):
     result = subprocess.run(["bash", str(RUN_ALL), *args, STOP], capture_output=True, text=True,
@@ -101,9 +104,10 @@ def repo_copy(tmp_path, notebooks):
     return runs
 
 
-def run_copy(tmp_path, venv, *args):
+def run_copy(tmp_path, venv, *args, env=None):
     return subprocess.run(["bash", str(tmp_path / "run_all.sh"), *args], capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "MESA_VENV": str(venv)})
+                          text=True, timeout=600,
+                          env={**os.environ, "MESA_VENV": str(venv), **(env or {})})
 
 
 def test_run_all_names_no_stale_notebook_when_papermill_rejects_its_arguments(tmp_path):
@@ -133,16 +137,59 @@ def tiny_notebook():
             "nbformat": 4, "nbformat_minor": 5}
 
 
-def test_run_all_runs_the_studies_from_07_only_when_named(tmp_path):
+def test_run_all_runs_the_studies_from_06_only_when_named(tmp_path):
     venv = ready_venv()
     runs = repo_copy(tmp_path, {"01_tiny.ipynb": tiny_notebook(),
-                                "07_study.ipynb": tiny_notebook()})
+                                "06_study.ipynb": tiny_notebook()})
     default = run_copy(tmp_path, venv, "--profile", "smoke")
     assert default.returncode == 0, default.stderr
-    assert sorted(p.name for p in runs.iterdir()) == ["01_tiny.ipynb"]
-    named = run_copy(tmp_path, venv, "--profile", "smoke", "--only", "07")
+    assert sorted(p.name for p in runs.iterdir()) == ["01_tiny.ipynb", "run_all.json"]
+    named = run_copy(tmp_path, venv, "--profile", "smoke", "--only", "06")
     assert named.returncode == 0, named.stderr
-    assert sorted(p.name for p in runs.iterdir()) == ["01_tiny.ipynb", "07_study.ipynb"]
+    assert sorted(p.name for p in runs.iterdir()) == ["01_tiny.ipynb", "06_study.ipynb",
+                                                      "run_all.json"]
+
+
+def test_run_all_records_each_run_and_the_full_one_apart(tmp_path):
+    venv = ready_venv()
+    titled = tiny_notebook()
+    titled["cells"].insert(0, {"cell_type": "markdown", "id": "title", "metadata": {},
+                               "source": "# 01 · A tiny title\n\nwhat it does"})
+    runs = repo_copy(tmp_path, {"01_tiny.ipynb": titled, "02_tiny.ipynb": tiny_notebook(),
+                                "06_study.ipynb": tiny_notebook()})
+    full_record = tmp_path / "figures" / "smoke" / "run_all.json"
+    last_record = runs / "run_all.json"
+    # a relative MESA_STORE is the repository's store/; outside git: no commit
+    env = {"MESA_STORE": "store", "GIT_CEILING_DIRECTORIES": str(tmp_path.parent)}
+    full = run_copy(tmp_path, venv, "--profile", "smoke", env=env)
+    assert full.returncode == 0, full.stderr
+    assert ("=== 01_tiny.ipynb (profile smoke): 01 · A tiny title; no earlier run of this "
+            "profile recorded ===") in full.stdout
+    record = json.loads(full_record.read_text())
+    assert json.loads(last_record.read_text()) == record
+    assert [n["notebook"] for n in record["notebooks"]] == ["01_tiny.ipynb", "02_tiny.ipynb"]
+    assert all(isinstance(n["seconds"], int) for n in record["notebooks"])
+    assert (record["profile"], record["commit"], record["uncommitted_changes"]) == (
+        "smoke", None, None)
+    assert (record["store_empty_at_start"], record["options"], record["refresh"]) == (
+        True, [], False)
+    assert record["started"] <= record["finished"] and record["seconds"] >= 0
+    assert record["cores"] == os.cpu_count() and record["cpu"] and record["torch"]
+    assert record["python"].count(".") == 2
+    assert ("run record: data/runs/smoke/run_all.json, figures/smoke/run_all.json"
+            in full.stdout)
+    (tmp_path / "store" / "clean").mkdir(parents=True)
+    (tmp_path / "store" / "clean" / "0123456789abcdef.pt").write_bytes(b"an artefact")
+    named = run_copy(tmp_path, venv, "--profile", "smoke", "--only", "01,06", env=env)
+    assert named.returncode == 0, named.stderr
+    seconds = record["notebooks"][0]["seconds"]
+    assert f"A tiny title; last recorded run: {seconds} s ===" in named.stdout
+    assert ("=== 06_study.ipynb (profile smoke); no earlier run of this profile recorded ==="
+            in named.stdout)
+    last = json.loads(last_record.read_text())
+    assert [n["notebook"] for n in last["notebooks"]] == ["01_tiny.ipynb", "06_study.ipynb"]
+    assert last["store_empty_at_start"] is False
+    assert json.loads(full_record.read_text()) == record      # a partial run leaves it alone
 
 
 def test_run_all_keeps_the_last_complete_notebook_when_a_run_fails(tmp_path):
@@ -305,6 +352,9 @@ def test_run_all_refresh_puts_stamped_quick_outputs_into_the_committed_notebooks
     assert (stamp["profile"], stamp["commit"]) == ("quick", head)
     from mesa_utils.committed import stamp_problems
     assert stamp_problems(committed, repo=tmp_path) == []
+    record = json.loads((tmp_path / "figures" / "quick" / "run_all.json").read_text())
+    assert (record["commit"], record["uncommitted_changes"], record["refresh"]) == (
+        head, False, True)
 
 
 def test_prepare_device_carries_the_archive_and_prints_the_command(tmp_path):
