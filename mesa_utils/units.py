@@ -332,17 +332,26 @@ def run_units(cfg, outputs: str | None = None, root=None, *, kind, deadline=None
     if todo:
         ctx = ctx or setup(cfg, cifar=cifar)
         clean_model(ctx)
-        slowest = unit_seconds
-        for done, trigger in enumerate(progress(todo, f"{kind.name} units ({cfg.profile})")):
-            if deadline is not None and time.time() + slowest > deadline:
-                print(f"deadline: {len(todo) - done} unit(s) left for a later run "
-                      f"({', '.join(map(str, todo[done:]))}): {deadline - time.time():.0f} s "
-                      f"left, a unit takes ~{slowest:.0f} s", flush=True)
-                break
-            started = time.time()
+        for trigger in progress(_before(deadline, todo, unit_seconds, "unit"),
+                                f"{kind.name} units ({cfg.profile})", total=len(todo)):
             run_unit(ctx, trigger, folder, kind)
-            slowest = max(slowest, time.time() - started)
     return folder
+
+
+def _before(deadline, todo: list, expected: float, what: str):
+    """The triggers of `todo`, one at a time, while the slowest so far (`expected` seconds
+    before the first) would still end by `deadline` (time.time() seconds; None: no limit);
+    then says which were left for a later run. The time between two yields is one's work."""
+    slowest = expected
+    for done, trigger in enumerate(todo):
+        if deadline is not None and time.time() + slowest > deadline:
+            print(f"deadline: {len(todo) - done} {what}(s) left for a later run "
+                  f"({', '.join(map(str, todo[done:]))}): {deadline - time.time():.0f} s left, "
+                  f"a {what} takes ~{slowest:.0f} s", flush=True)
+            return
+        started = time.time()
+        yield trigger
+        slowest = max(slowest, time.time() - started)
 
 
 def merge_units(cfg, folder: Path, kind, complete: bool = False) -> dict:
@@ -386,18 +395,11 @@ def run_pipeline(cfg, outputs: str | None = None, root=None, deadline=None,
     cifar = load_cifar(cfg.dataset)
     todo = [t for t in pending_in_any(cfg, outputs, root, kinds, cifar.fingerprint)
             if t in chosen]
-    ctx, slowest = None, unit_seconds
-    for done, trigger in enumerate(todo):
-        if deadline is not None and time.time() + slowest > deadline:
-            print(f"deadline: {len(todo) - done} trigger(s) left for a later run "
-                  f"({', '.join(map(str, todo[done:]))}): {deadline - time.time():.0f} s left, "
-                  f"a trigger takes ~{slowest:.0f} s", flush=True)
-            break
-        started = time.time()
+    ctx = None
+    for trigger in _before(deadline, todo, unit_seconds, "trigger"):
         ctx = ctx or setup(cfg, cifar=cifar)
         for kind in kinds:
             run_units(cfg, outputs, root, kind=kind, only=[trigger], ctx=ctx)
-        slowest = max(slowest, time.time() - started)
     return unit_folder(cfg, outputs, root, kind=kinds[0]).parent
 
 
