@@ -4,7 +4,9 @@ one after another (defense.retrain_many with retrain_bank = K, or 1).
 The profile's ResNet-18 and retraining recipe (random weights and images: speed does not depend
 on them; a 3x3 trigger pasted at the profile's rate), on whatever device torch finds. Prints
 the seconds per retraining step of each path, the time one unit's retrainings would take at
-that pace, on a GPU the achieved TFLOP/s against the device's bf16 peak, and, last,
+that pace, on a GPU the achieved TFLOP/s against the device's bf16 peak, the cost model's
+minutes (mesa_utils.cost: the clean model, each stage of a unit, the whole run) at the measured
+pace and, as lower bounds, at the bf16 peaks of an H200 and an A100, and, last,
 `speedup <ratio>`. --smoke: the smoke profile, K = 2, 2 steps (seconds on a CPU), to prove the
 script runs.
 
@@ -17,9 +19,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from mesa_utils import cost
 from mesa_utils.config import make_config
-from mesa_utils.data import STATS, Splits
-from mesa_utils.defense import DEFENSE_METHODS, retraining_seeds
+from mesa_utils.data import Splits
 from mesa_utils.models import ResNetBank
 from mesa_utils.store import Store
 from mesa_utils.train import Context, amp_dtype, autocast, fit, fit_bank, get_device
@@ -32,11 +34,17 @@ BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, 
 SMOKE = dict(profile="smoke", k=2, steps=2)
 
 
-def retrainings_per_unit(cfg) -> int:
-    """How many retrainings one trigger's unit runs (04's comparison, defense_sources)."""
-    sources = {"mesa": len(cfg.mesa.betas), "baseline": cfg.baseline.starts}
-    return sum(sources.get(method, 1) * len(retraining_seeds(cfg, method))
-               for method in DEFENSE_METHODS)
+def cost_lines(cfg, seconds_per_image: float, where: str) -> list:
+    """The cost model's predictions (mesa_utils.cost) at `seconds_per_image`, as lines."""
+    minutes = cost.predicted_minutes(cfg, seconds_per_image)
+
+    def shown(m):
+        return f"{m:.1f} min" if m >= 1 else f"{60 * m:.1f} s"
+    stages = ", ".join(f"{stage} {shown(m)}"
+                       for stage, m in minutes["per trigger by stage"].items())
+    return [f"cost model {where}: clean model {shown(minutes['clean model'])}; per trigger "
+            f"{shown(minutes['per trigger'])} ({stages}); the profile's {len(cfg.triggers)} "
+            f"triggers with the clean model {shown(minutes['run'])}"]
 
 
 def main():
@@ -91,7 +99,7 @@ def main():
     flops_per_step = counter.get_total_flops()
 
     model_steps = args.k * args.steps
-    per_unit = retrainings_per_unit(cfg)
+    per_unit = cost.retrainings_per_unit(cfg)
     defender_images = (cfg.test_subset or 10000) - cfg.eval_size    # the test split less eval
     unit_steps = per_unit * recipe.epochs * (defender_images // batch)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -103,12 +111,21 @@ def main():
         print(f"{name:>10}: {seconds / model_steps * 1e3:8.2f} ms per retraining step, "
               f"{achieved:7.3f} TFLOP/s; one unit's {per_unit} retrainings "
               f"({unit_steps} steps) ~{seconds / model_steps * unit_steps / 60:.1f} min")
+    # the lone path's pace: retrain_bank is 1 in every profile (its banks key other results)
+    for line in cost_lines(cfg, sequential_seconds / model_steps / batch,
+                           f"at this measured pace ({device_name})"):
+        print(line)
     if device.type == "cuda":
         peak = next((v for key, v in BF16_PEAK_TFLOPS.items() if key in device_name), None)
         best = flops_per_step * model_steps / min(bank_seconds, sequential_seconds) / 1e12
         print(f"bf16 peak of {device_name}: " +
               (f"{peak:g} TFLOP/s, the faster path at {100 * best / peak:.1f}%" if peak
                else "unknown"))
+    for name, peak in BF16_PEAK_TFLOPS.items():
+        if name in ("H200", "A100"):    # what the next command can be sized by
+            for line in cost_lines(cfg, flops_per_step / batch / (peak * 1e12),
+                                   f"at the {name}'s bf16 peak (a lower bound)"):
+                print(line)
     print(f"speedup {sequential_seconds / bank_seconds:.2f}")
 
 

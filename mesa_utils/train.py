@@ -111,6 +111,8 @@ def setup(cfg: Config, store: Store | None = None, cifar=None) -> Context:
     """Load the data onto the configured device and open the artefact store."""
     device = get_device(cfg.device)
     torch.manual_seed(cfg.seed)
+    if device.type == "cuda":   # every loop has fixed shapes: cuDNN may pick its fastest kernels
+        torch.backends.cudnn.benchmark = True
     return Context(cfg, prepare_splits(cfg, device, cifar), device, amp_dtype(device, cfg.amp),
                    store or Store())
 
