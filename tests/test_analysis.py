@@ -318,6 +318,16 @@ def test_04s_conclusions_compare_the_fixed_mixture_not_the_best_variant():
     assert "the intervals overlap" in defense_conclusions(_summary(means))[6]
 
 
+def test_algorithm_1s_weights_come_from_the_staircases_rows():
+    from mesa_utils.analysis import entropy_weight_table
+    rows = [(1, 0.5, 1.0, False), (1, 0.8, 2.0, False), (1, 0.9, 0.5, True), (2, 0.5, 1.0, True)]
+    table = entropy_weight_table(pd.DataFrame(rows, columns=["trigger", "beta", "mi", "empty"]))
+    # gamma ~ e^mi x step width (0.5, 0.3, 0.1), 0 when empty; trigger 2 has no mixture
+    expected = [0.5 * math.e, 0.3 * math.e ** 2]
+    assert table.trigger.tolist() == [1, 1, 1]
+    assert table.gamma.tolist() == pytest.approx([e / sum(expected) for e in expected] + [0])
+
+
 def test_04s_conclusions_read_only_the_methods_that_ran():
     means = {"before defence": (99, 98, 100, 100), "mesa_mixture": (5, 4, 6, 7),
              "baseline": (8, 7, 9, 12), "finetune": (95, 94, 96, 97)}
