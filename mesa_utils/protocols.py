@@ -53,7 +53,7 @@ def with_section(ctx: Context, section: str, **changes) -> Context:
 def check_holdout(cfg) -> None:
     """Raise ValueError unless protocols.holdout leaves images of the defender's split to train
     on. (Checked here, before 07's work, not in every config: a split too small for 07 still
-    serves notebooks 01-06.)"""
+    serves notebooks 01-05.)"""
     defender_images = (cfg.test_subset or 10000) - cfg.eval_size
     if cfg.protocols.holdout >= defender_images:
         raise ValueError(f"protocols.holdout must be an integer in [1, {defender_images - 1}] "
