@@ -1,6 +1,7 @@
 """The generated report and README headline: committed text equals what the tables generate,
 the markers and missing tables give clear errors, and the text follows the tables."""
 
+import json
 import shutil
 
 import pandas as pd
@@ -25,6 +26,29 @@ def test_the_headline_replaces_only_what_lies_between_its_markers():
     for broken in ("no markers", readme + report.HEADLINE_END):
         with pytest.raises(ValueError, match="headline markers"):
             report.readme_with(broken, "new")
+    begin, end = report.markers("notebooks")
+    both = f"{readme}{begin}\nold map\n{end}\n"
+    assert report.readme_with(both, "map", "notebooks") == f"{readme}{begin}\nmap\n{end}\n"
+
+
+def test_the_default_runs_sentence_and_map_come_from_its_record(tmp_path):
+    run = {"profile": "quick", "commit": "0123456789abcdef", "uncommitted_changes": False,
+           "started": "2026-12-04T21:00:00+00:00", "seconds": 3000, "refresh": True,
+           "notebooks": [{"notebook": f"0{n}_x.ipynb", "seconds": 60 * n} for n in range(1, 6)],
+           "store_empty_at_start": True, "cpu": "Some CPU", "cores": 2, "torch": "2.13.0"}
+    (tmp_path / "run_all.json").write_text(json.dumps(run))
+    assert report.default_run(tmp_path) == (
+        "`./run_all.sh --refresh-notebooks` ran notebooks 01-05 of the `quick` profile in "
+        "50 min 0 s from an empty store on Some CPU (2 cores, no GPU, torch 2.13.0), "
+        "2026-12-04, commit 0123456.")
+    rows = report.notebook_map(tmp_path).splitlines()
+    assert len(rows) == 2 + len(report.NOTEBOOKS)
+    assert rows[2].startswith("| [01 attack](notebooks/01_attack.ipynb) | Sec. 5")
+    assert rows[5].endswith("| 4 min 0 s (default run) |")
+    assert "named run" in rows[7]                    # 06: not in the default run
+    (tmp_path / "run_all.json").unlink()
+    with pytest.raises(FileNotFoundError, match="written by a whole default run"):
+        report.default_run(tmp_path)
 
 
 def test_a_missing_table_names_the_notebook_that_makes_it(tmp_path):
