@@ -216,7 +216,8 @@ def default_run(folder: Path) -> str:
 
 def notebook_map(folder: Path) -> str:
     """The README's map of the notebooks: each one's part of the paper, what it opens by hand
-    and its run time (01-05: in the default run's record; from 06 on: its own last run)."""
+    and its run time (01-05: in the default run's record; from 06 on: named runs, whose last
+    refresh reused stored models)."""
     seconds = {entry["notebook"][:2]: entry["seconds"]
                for entry in run_record(folder)["notebooks"]}
     lines = ["| notebook | the paper | opened by hand | `quick` run time |", "|---|---|---|---|"]
@@ -226,8 +227,10 @@ def notebook_map(folder: Path) -> str:
             time = f"{duration(seconds[number])} (default run)"
         else:
             stamp = _stamp(number)
-            time = (f"named run; its last: {duration(stamp['run_seconds'])}" if stamp
-                    else "named run")
+            # a refresh reuses the stored models: its time is no estimate from an empty store
+            time = ("named run, not timed from an empty store" + (
+                f" (its last refresh, on stored models: {duration(stamp['run_seconds'])})"
+                if stamp else ""))
         lines.append(f"| [{number} {name}](notebooks/{path.name}) | {paper} | {by_hand} | "
                      f"{time} |")
     return "\n".join(lines)
