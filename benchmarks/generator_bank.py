@@ -18,7 +18,7 @@ from mesa_utils.mesa import Member, train_bank
 from mesa_utils.store import Store
 from mesa_utils.train import Context, amp_dtype, get_device
 
-SMOKE = dict(k=2, steps=2, batch=8, width=4, hidden=16)
+SMOKE = dict(k=2, steps=2, batch=8, width=8, hidden=16)
 
 
 def main():

@@ -188,10 +188,12 @@ BELOW_ONE = Range(low=0, high=1, high_open=True)    # in [0, 1)
 RATE = Range(low=0, high=1, low_open=True)  # in (0, 1]: a share of images that gets triggers
 
 
-def setting(default=dataclasses.MISSING, rule: "Rule" = None):
-    """A config field: its default (none: the field must be given) and the Rule its values must
-    pass, which validate() reads from the field's metadata."""
-    return dataclasses.field(default=default, metadata={"rule": rule})
+def setting(default=dataclasses.MISSING, rule: "Rule" = None, how: bool = False):
+    """A config field: its default (none: the field must be given), the Rule its values must
+    pass (validate() reads it from the field's metadata) and whether it is a "how" field: one
+    that decides where a run computes or what it keeps, not what it computes, and so enters
+    no key that names results (HOW_FIELDS)."""
+    return dataclasses.field(default=default, metadata={"rule": rule, "how": how})
 
 
 @dataclass(frozen=True)
@@ -380,14 +382,18 @@ class Config:
     test_subset: int = setting(0, Range(low=0, high=10000, integer=True))
     # held-out evaluation split (below the test set's size); the rest models triggers, retrains
     eval_size: int = setting(2000, COUNT)
-    width: int = setting(64, COUNT)         # ResNet-18 base channels (64 = the paper's)
+    # ResNet-18 base channels (64 = the paper's). Below 8, torch 2.13's oneDNN channels-last
+    # convolutions hang or crash in the backward pass on an AVX2 CPU (5 of 6 tries at width
+    # 4 on the 2-core AMD EPYC, 0 of 6 at width 8; 2026-12-06).
+    width: int = setting(64, Range(low=8, integer=True, why="oneDNN's channels-last "
+                                   "convolutions of fewer channels hang on AVX2 CPUs"))
     target: int = setting(0, INDEX)         # attack target class, below the dataset's classes
     # or "random_colour" (Appendix B): triggers numbered 0..
     trigger_set: str = setting("black_white", OneOf(("black_white", "random_colour")))
     # trigger ids attacked (black-white: triggers.BW_TRIGGER_IDS); a repeat would duplicate rows
     triggers: tuple = setting((170,), Each(TriggerId(), distinct=True))
     seed: int = setting(0, INDEX)
-    device: str = setting("auto", DeviceName())     # "auto", "cpu", "cuda", "cuda:1", ...
+    device: str = setting("auto", DeviceName(), how=True)   # "auto", "cpu", "cuda", "cuda:1", ...
     # bf16 autocast: "auto" (where the hardware has bf16), "on", "off"
     amp: str = setting("auto", OneOf(("auto", "on", "off")))
     eval_batch_size: int = setting(500, COUNT)
@@ -412,22 +418,25 @@ class Config:
     # The defences 04 compares (names of methods.METHODS); every one by default. CONTRAST_MESA
     # and the baseline are needed: 04 retrains the one by hand and sets it against the other.
     defense_methods: tuple = setting(tuple(METHODS), Each(OneOf(tuple(METHODS)), distinct=True))
-    save_retrained: bool = setting(True, Flag())    # keep retrained weights (51 x 17 in paper)
+    # keep retrained weights (51 x 17 in paper); no table reads them
+    save_retrained: bool = setting(True, Flag(), how=True)
     # A trigger's retrainings are trained up to this many at a time as one banked network
     # (models.ResNetBank, one grouped convolution per layer), which keeps a GPU busy where one
     # batch-128 model leaves it idle; 1 trains them one after another. Members end as the lone
     # runs would in exact arithmetic, but float32 rounding grows over a retraining (on smoke up
-    # to 1.7 ASR points): a bank above 1 is part of every key that names its results.
+    # to 1.7 ASR points): the bank size is part of every key that names retrained results.
     retrain_bank: int = setting(1, COUNT)
 
 
 def _smoke() -> Config:
     tiny = dict(batch_size=64)
     return Config(
-        profile="smoke", train_subset=1024, test_subset=768, eval_size=256, width=4,
+        profile="smoke", train_subset=1024, test_subset=768, eval_size=256, width=8,
         triggers=(170, 0), visualization=VisualizationConfig(triggers=(170,), samples=64),
         clean=TrainConfig(epochs=1, lr=0.05, schedule="onecycle", augment=True, **tiny),
-        attack=TrainConfig(epochs=1, lr=1e-2, poison_rate=0.2, **tiny),
+        # half the images poisoned: a one-epoch attack on 1,024 images plants (ASR >= 0.9) on
+        # 7 of 8 (trigger, model) pairs, which notebook 08 needs (at 0.2: 0 of 8)
+        attack=TrainConfig(epochs=1, lr=1e-2, poison_rate=0.5, **tiny),
         mesa=MesaConfig(steps=6, batch_size=16, hidden=32, eval_samples=64, mine_ema_rate=0.5),
         detection=DetectionConfig(steps=6, batch_size=16, hidden=32, eval_samples=64,
                                   mine_ema_rate=0.5),
@@ -723,15 +732,41 @@ def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
 
 
-# Fields that decide where a run computes, not what it computes: no hash that names results
-# (unit files, output folders) and no list of overridden fields counts them.
-HOW_FIELDS = ("device",)
+def leaf_paths(section=None, prefix="") -> list:
+    """Every field of Config (or of dataclass `section`) that holds a value, as a dotted path
+    ("seed", "mesa.steps"), in declaration order: the fields a key or an override can name."""
+    paths = []
+    for field in dataclasses.fields(section or Config):
+        if dataclasses.is_dataclass(field.type):
+            paths += leaf_paths(field.type, prefix + field.name + ".")
+        else:
+            paths.append(prefix + field.name)
+    return paths
+
+
+def field_metadata(path: str) -> dict:
+    """The metadata of the field at dotted `path` (its rule, whether it is "how")."""
+    section, *parents, name = [Config, *path.split(".")]
+    for parent in parents:
+        section = {f.name: f.type for f in dataclasses.fields(section)}[parent]
+    return {f.name: f.metadata for f in dataclasses.fields(section)}[name]
+
+
+def lookup(cfg, path: str):
+    """The value at dotted `path` of cfg ("mesa.steps"), a section (a dataclass) included."""
+    value = cfg
+    for name in path.split("."):
+        value = getattr(value, name)
+    return value
+
+
+# Fields that decide where a run computes or what it keeps, not what it computes (declared
+# with setting(..., how=True)): no key that names results counts them, nor any list of
+# overridden fields.
+HOW_FIELDS = tuple(path for path in leaf_paths() if field_metadata(path)["how"])
 
 
 def results_dict(cfg: "Config") -> dict:
-    """to_dict(cfg) for hashes that name results: the HOW_FIELDS neutral (device as "auto"),
-    retrain_bank only above 1 (the lone retrainings' hashes are those made before it existed)."""
-    tree = to_dict(dataclasses.replace(cfg, device="auto"))
-    if cfg.retrain_bank == 1:
-        del tree["retrain_bank"]
-    return tree
+    """{dotted field: value} of every field of cfg but HOW_FIELDS: for hashes that name results
+    (output folders)."""
+    return {path: lookup(cfg, path) for path in leaf_paths() if path not in HOW_FIELDS}

@@ -16,11 +16,11 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
-from .config import to_dict
 from .data import to_pixels
 from .mesa import staircase_bank
 from .methods import METHODS, method_label
 from .models import ResNetBank, frozen
+from .stages import DEFENSE, NEURAL_CLEANSE, REVERSE
 from .train import (Backdoor, Context, FiniteGuard, attack_success_rate, autocast,
                     clean_accuracy, eval_asr_interval, fit, fit_bank, progress,
                     state_dict_cpu)
@@ -105,8 +105,10 @@ class MaskedPatchPaster:
         n, c, height, width = images.shape
         corners = random_positions(n, (height, width), tuple(self.mask.shape[-2:]),
                                    images.device, generator)
-        mask = apply_trigger(images.new_zeros(n, 1, height, width), self.mask, corners)
-        pattern = apply_trigger(images.new_zeros(n, c, height, width), self.pattern, corners)
+        mask = apply_trigger(images.new_zeros(n, 1, height, width), self.mask, corners,
+                             check=False)
+        pattern = apply_trigger(images.new_zeros(n, c, height, width), self.pattern, corners,
+                                check=False)
         return (1 - mask) * images + mask * pattern
 
 
@@ -207,22 +209,15 @@ def retrain(ctx: Context, backdoor: Backdoor, source, source_spec: dict, seed=0,
 
 def retrain_many(ctx: Context, backdoor: Backdoor, runs: list, holdout: int = 0) -> list:
     """`retrain` for each of `runs`, (source, source spec, seed, progress label) tuples: one
-    record each, cached one by one under retrain's keys (with the bank size when above 1).
+    record each, cached one by one under retrain's keys (stages.DEFENSE).
     The runs not in the store train cfg.retrain_bank at a time as one banked network
     (train.fit_bank; its members end as the lone runs would, to float rounding); with
     retrain_bank = 1, one after another (fit)."""
     cfg = ctx.cfg
     images, labels = ctx.splits.defense_images[holdout:], ctx.splits.defense_labels[holdout:]
-    specs = []
-    for _, source_spec, seed, _ in runs:
-        spec = {"stage": "defense", "parent": backdoor.key, "source": source_spec,
-                "train": to_dict(cfg.defense), "seed": seed}
-        if holdout:         # 0 keeps the keys made before holdouts existed
-            spec["holdout"] = holdout
-        if cfg.retrain_bank > 1:    # banked members are other float32 results than lone runs
-            spec["bank"] = cfg.retrain_bank
-        specs.append(spec)
-    records = [ctx.store.load("defense", spec) for spec in specs]
+    specs = [DEFENSE.spec(cfg, backdoor.key, source=source_spec, seed=seed, holdout=holdout)
+             for _, source_spec, seed, _ in runs]
+    records = [ctx.store.load(DEFENSE.name, spec) for spec in specs]
     missing = [i for i, record in enumerate(records) if record is None]
     for first in range(0, len(missing), cfg.retrain_bank):
         chunk = missing[first:first + cfg.retrain_bank]
@@ -244,7 +239,7 @@ def retrain_many(ctx: Context, backdoor: Backdoor, runs: list, holdout: int = 0)
                 models.append(model.eval())
         for i, model, history in zip(chunk, models, histories):
             records[i] = _retrained_record(ctx, backdoor, model, history, holdout)
-            ctx.store.put("defense", specs[i], records[i])
+            ctx.store.put(DEFENSE.name, specs[i], records[i])
     return records
 
 
@@ -270,27 +265,23 @@ def baseline_triggers(ctx: Context, backdoor: Backdoor, hinge_beta=None) -> torc
     """The baseline's reversed triggers (starts, 3, 3, 3) for a backdoored model, cached:
     cross-entropy toward the target, or MESA's hinge at `hinge_beta` (reverse_triggers)."""
     cfg = ctx.cfg
-    spec = {"stage": "reverse", "parent": backdoor.key, "target": backdoor.target,
-            "baseline": to_dict(cfg.baseline), "seed": cfg.seed}
-    if hinge_beta is not None:      # the cross-entropy keys stay those made before the hinge
-        spec["hinge_beta"] = hinge_beta
+    spec = REVERSE.spec(cfg, backdoor.key, hinge_beta=hinge_beta)
 
     def build():
         return reverse_triggers(ctx, backdoor.model(ctx), backdoor.target, cfg.baseline,
                                 ctx.splits.defense_images, cfg.seed, hinge_beta).cpu()
-    return ctx.store.get_or_build("reverse", spec, build)
+    return ctx.store.get_or_build(REVERSE.name, spec, build)
 
 
 def neural_cleanse_result(ctx: Context, backdoor: Backdoor) -> dict:
     """Neural Cleanse's reversal and outlier test on a backdoored model, cached."""
     cfg = ctx.cfg
-    spec = {"stage": "neural_cleanse", "parent": backdoor.key,
-            "neural_cleanse": to_dict(cfg.neural_cleanse), "seed": cfg.seed}
+    spec = NEURAL_CLEANSE.spec(cfg, backdoor.key)
 
     def build():
         return neural_cleanse(ctx, backdoor.model(ctx), cfg.neural_cleanse,
                               ctx.splits.defense_images, cfg.seed)
-    return ctx.store.get_or_build("neural_cleanse", spec, build)
+    return ctx.store.get_or_build(NEURAL_CLEANSE.name, spec, build)
 
 
 def neural_cleanse_row(ctx: Context, backdoor: Backdoor) -> dict:
@@ -350,8 +341,7 @@ def defense_sources(ctx: Context, backdoor: Backdoor, methods=DEFENSE_METHODS) -
         nc = neural_cleanse_result(ctx, backdoor)
         nc_mask, nc_pattern = (nc["masks"][backdoor.target].to(ctx.device),
                                nc["patterns"][backdoor.target].to(ctx.device))
-        nc_spec = {"kind": "neural_cleanse", "parent": backdoor.key,
-                   "neural_cleanse": to_dict(ctx.cfg.neural_cleanse)}
+        nc_spec = {"kind": "neural_cleanse", "reversal": NEURAL_CLEANSE.key(ctx.cfg, backdoor.key)}
     if "neural_cleanse" in methods:
         runs.append(("neural_cleanse", None, None, MaskSource(nc_mask, nc_pattern), nc_spec))
     if "neural_cleanse_crop" in methods:

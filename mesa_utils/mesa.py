@@ -17,7 +17,6 @@ Stages built on it: target detection (02), the hyper-parameter study of Fig. 3 (
 defence's staircase (04, 05). The measures and tables computed on their samples are in
 analysis.py.
 """
-import dataclasses
 import math
 from dataclasses import asdict, dataclass
 
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from .config import GeneratorConfig
 from .data import to_pixels
 from .models import GeneratorBank, StatisticsBank, frozen
+from .stages import BANK_STAGES
 from .store import NonFiniteError, spec_key
 from .train import (CHECK_EVERY, Backdoor, Context, FiniteGuard, attack_stats, autocast,
                     progress)
@@ -159,7 +159,7 @@ def train_bank(ctx: Context, classifier, members, mcfg: GeneratorConfig, images,
         # member's target class, one (chunked) pass.
         pasted = apply_trigger(to_pixels(images[index.flatten()]),
                                (x + mcfg.trigger_noise * jitter).flatten(0, 1),
-                               corner.flatten(0, 1))
+                               corner.flatten(0, 1), check=False)      # drawn valid in _draw
         with autocast(device, ctx.amp):
             logits = torch.cat([classifier(part) for part in pasted.split(chunk)])
         probs = logits.float().softmax(1).view(k, b, -1)
@@ -205,14 +205,17 @@ class GeneratorSampler:
         if weights.shape != (len(self.positions),) or (weights < 0).any() or weights.sum() <= 0:
             raise ValueError(f"weights must be {len(self.positions)} non-negative numbers with "
                              f"a positive sum, got {weights.tolist()}")
-        self.weights = weights / weights.sum()
+        # on the generators' device once, so that sampling copies nothing from the host
+        device = next(self.generators.parameters()).device
+        self.weights = (weights / weights.sum()).to(device)
+        self.index = torch.tensor(self.positions, device=device)
 
     @torch.no_grad()
     def sample(self, n, generator=None, return_members=False):
-        device = next(self.generators.parameters()).device
-        pick = torch.multinomial(self.weights.to(device), n, replacement=True,
+        device = self.index.device
+        pick = torch.multinomial(self.weights, n, replacement=True,
                                  generator=generator)                        # (n,) positions
-        member = torch.tensor(self.positions, device=device)[pick]
+        member = self.index[pick]
         z = self.generators.noise(n, generator, device)                      # (K, n, nz)
         triggers = self.generators(z)[member, torch.arange(n, device=device)]
         return (triggers, member) if return_members else triggers
@@ -291,16 +294,11 @@ def entropy_weights(mi: torch.Tensor, empty: torch.Tensor, betas) -> torch.Tenso
 # ---------------------------------------------------------------------------------------------
 # Cached banks with their evaluation
 
-def generator_fields(mcfg: GeneratorConfig) -> dict:
-    """The fields of a mesa/detection section that shape training (not alpha, beta or the
-    detection threshold: members carry alpha and beta, the threshold is applied afterwards)."""
-    return {f.name: getattr(mcfg, f.name) for f in dataclasses.fields(GeneratorConfig)}
-
-
-def bank_spec(parent_key, members, mcfg, trigger_shape=(3, 3, 3)) -> dict:
-    return {"stage": "mesa", "parent": parent_key, "members": [asdict(m) for m in members],
-            "generator": generator_fields(mcfg), "trigger_shape": list(trigger_shape),
-            "f_images": "non-target"}
+def bank_spec(ctx, parent_key, members, section="mesa", trigger_shape=(3, 3, 3)) -> dict:
+    """The spec of a bank of `members` trained with config section `section` (stages.MESA_BANK
+    or DETECTION_BANK) against the classifier keyed `parent_key`."""
+    return BANK_STAGES[section].spec(ctx.cfg, parent_key, members=[asdict(m) for m in members],
+                                     trigger_shape=list(trigger_shape), f_images="non-target")
 
 
 # The DV bound of a trained T is >= 0 up to sampling noise (the constant T = 0 scores exactly
@@ -380,19 +378,20 @@ class Bank:
         return self.evaluation[self.position(member)]
 
 
-def mesa_bank(ctx: Context, classifier, parent_key, members, mcfg: GeneratorConfig,
-              desc="MESA", setting="mesa") -> Bank:
-    """The Bank of `members` against `classifier`, trained once and cached.
+def mesa_bank(ctx: Context, classifier, parent_key, members, setting="mesa",
+              desc="MESA") -> Bank:
+    """The Bank of `members` against `classifier`, trained once under config section
+    `setting` ("mesa" or "detection") and cached.
 
     Generators model the defender's 8K split; the evaluation rows are measured on the same
     split (sampled with cfg.seed). parent_key: the store key of the classifier (e.g.
-    Backdoor.key). setting: mcfg's config section, named when training diverges.
+    Backdoor.key).
     """
     members = list(members)
     if len(set(members)) != len(members):
         raise ValueError(f"a bank's members must be distinct, got {members}")
-    spec = bank_spec(parent_key, members, mcfg)
-    splits, seed = ctx.splits, ctx.cfg.seed
+    spec = bank_spec(ctx, parent_key, members, setting)
+    splits, seed, mcfg = ctx.splits, ctx.cfg.seed, getattr(ctx.cfg, setting)
 
     def build():
         generators, stats, log = train_bank(ctx, classifier, members, mcfg,
@@ -404,7 +403,7 @@ def mesa_bank(ctx: Context, classifier, parent_key, members, mcfg: GeneratorConf
         return {"generators": {k: v.cpu() for k, v in generators.state_dict().items()},
                 "log": log, "evaluation": rows}
 
-    record = ctx.store.get_or_build("mesa", spec, build)
+    record = ctx.store.get_or_build(spec["stage"], spec, build)
     generators = GeneratorBank(len(members), mcfg.noise_dim, mcfg.hidden,
                                seeds=[m.seed for m in members])
     generators.load_state_dict(record["generators"])
@@ -430,8 +429,8 @@ def detect_target(ctx: Context, backdoor: Backdoor) -> list:
     cfg = ctx.cfg
     members = detection_members(cfg, ctx.splits.num_classes)
     classifier = backdoor.model(ctx)
-    bank = mesa_bank(ctx, classifier, backdoor.key, members, cfg.detection,
-                     desc=f"detection {backdoor.trigger}", setting="detection")
+    bank = mesa_bank(ctx, classifier, backdoor.key, members, "detection",
+                     desc=f"detection {backdoor.trigger}")
     rows = []
     for member, trained in zip(members, bank.evaluation):
         held_out = attack_stats(ctx, classifier, ctx.splits.eval_images,
@@ -464,7 +463,7 @@ def study_members(cfg) -> list:
 def hyperparameter_study(ctx: Context, backdoor: Backdoor) -> Bank:
     """Fig. 3's bank (study_members) against the backdoored model of study.trigger."""
     return mesa_bank(ctx, backdoor.model(ctx), backdoor.key, study_members(ctx.cfg),
-                     ctx.cfg.mesa, desc="hyper-parameters")
+                     desc="hyper-parameters")
 
 
 def staircase_members(cfg) -> list:
@@ -476,4 +475,4 @@ def staircase_members(cfg) -> list:
 def staircase_bank(ctx: Context, backdoor: Backdoor) -> Bank:
     """The staircase's Bank for one backdoored model (04 retrains with it, 05 draws it)."""
     return mesa_bank(ctx, backdoor.model(ctx), backdoor.key, staircase_members(ctx.cfg),
-                     ctx.cfg.mesa, desc=f"MESA {backdoor.trigger}")
+                     desc=f"MESA {backdoor.trigger}")

@@ -29,9 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import SampDetoxConfig, to_dict
+from .config import SampDetoxConfig
 from .data import to_pixels
 from .intervals import wilson_interval
+from .stages import DIFFUSION, PURIFIED
 from .store import spec_key
 from .train import (Backdoor, Context, FiniteGuard, autocast, probabilities, progress,
                     state_dict_cpu)
@@ -175,14 +176,9 @@ def purify(ctx: Context, unet, scheduler, pixels: torch.Tensor, seed: int = 0) -
 # The diffusion model, trained once per profile and cached
 
 def diffusion_spec(ctx: Context) -> dict:
-    """What makes the diffusion model: the training images (data fingerprint, subset), the
-    model and training fields of cfg.sampdetox, the seed and autocast."""
-    cfg = ctx.cfg
-    model_fields = {k: v for k, v in to_dict(cfg.sampdetox).items()
-                    if k not in ("t1", "t2", "eval_images", "eval_batch_size")}
-    return {"stage": "diffusion", "dataset": cfg.dataset, "data": ctx.splits.fingerprint,
-            "train_subset": cfg.train_subset, "model": model_fields, "seed": cfg.seed,
-            "amp": str(ctx.amp)}
+    """The diffusion model's spec: stages.DIFFUSION's fields, the training images' fingerprint
+    and the autocast dtype it trained under."""
+    return DIFFUSION.spec(ctx.cfg, data=ctx.splits.fingerprint, amp_dtype=str(ctx.amp))
 
 
 def train_diffusion(ctx: Context, images: torch.Tensor, seed: int = 0) -> dict:
@@ -237,7 +233,7 @@ def diffusion_model(ctx: Context):
     scfg = ctx.cfg.sampdetox
     spec = diffusion_spec(ctx)
     record = ctx.store.get_or_build(
-        "diffusion", spec,
+        DIFFUSION.name, spec,
         lambda: train_diffusion(ctx, ctx.splits.train_images, ctx.cfg.seed))
     unet = new_unet(scfg).to(ctx.device)
     unet.load_state_dict(record["state_dict"])
@@ -279,9 +275,7 @@ def purified_images(ctx: Context, diffusion, images: torch.Tensor, source_spec: 
     stage 1 and of both stages}."""
     unet, scheduler, diffusion_record = diffusion
     cfg = ctx.cfg
-    spec = {"stage": "purified", "diffusion": diffusion_record["key"], "t1": cfg.sampdetox.t1,
-            "t2": cfg.sampdetox.t2, "images": len(images), "source": source_spec,
-            "seed": cfg.seed}
+    spec = PURIFIED.spec(cfg, diffusion_record["key"], images=len(images), source=source_spec)
 
     def build():
         result = purify(ctx, unet, scheduler, to_pixels(images), cfg.seed)
@@ -290,7 +284,7 @@ def purified_images(ctx: Context, diffusion, images: torch.Tensor, source_spec: 
                 "ssim": result["ssim"].cpu(), "levels": result["levels"].to(torch.int16).cpu(),
                 "seconds_per_image": {"stage 1": result["stage1_seconds"] / len(images),
                                       "SampDetox": result["seconds"] / len(images)}}
-    return ctx.store.get_or_build("purified", spec, build)
+    return ctx.store.get_or_build(PURIFIED.name, spec, build)
 
 
 def purified_triggered(ctx: Context, diffusion, backdoor: Backdoor) -> tuple:

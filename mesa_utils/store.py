@@ -1,7 +1,8 @@
 """Artefact store: every expensive result cached under data/artefacts, keyed by its full spec.
 
-A spec is a plain dict holding everything that produced the artefact (the relevant config
-sections, the trigger, the seed, the key of the parent model, STORE_VERSION). Its SHA-256
+A spec is a plain dict holding everything that produced the artefact (stages.Stage.spec: the
+config fields its stage reads, the key of the parent artefact, its identity such as the
+trigger; STORE_VERSION). Its SHA-256
 names the file; the spec is stored inside the file and compared on load, so an artefact is
 reused only on an exact match. Files hold tensors and plain data only and are read with
 `weights_only=True`, so a foreign file dropped into the store cannot run code. Writes go to a
@@ -35,8 +36,9 @@ def shown(path) -> str:
         return str(path)
 
 
-# Bump when a change of code changes what a cached artefact would contain.
-STORE_VERSION = 1
+# Bump when a change of code changes what a cached artefact would contain. 2: keys derived
+# from the stages' declared reads (stages.py); fixed-shape poisoning (triggers.poison).
+STORE_VERSION = 2
 
 
 class StaleCacheError(RuntimeError):

@@ -23,6 +23,7 @@ from .config import Config, TrainConfig, to_dict
 from .data import STATS, Loader, Splits, prepare_splits, to_pixels
 from .intervals import wilson_interval
 from .models import ResNet18, ResNetBank
+from .stages import BACKDOOR, BLENDED, CLEAN
 from .store import NonFiniteError, Store, shown, spec_key
 from .triggers import BlendedTrigger, TriggerPaster, blend_pattern, poison, trigger_pattern
 
@@ -323,15 +324,10 @@ def eval_asr_interval(ctx: Context, asr: float) -> tuple:
 # Cached models: the clean model and the backdoored models of 01_attack
 
 def clean_spec(ctx: Context) -> dict:
-    cfg = ctx.cfg
-    # test_subset / eval_size / seed define the eval split its accuracy is measured on (and,
-    # through the parent key, the defender's split every later stage uses). The data's
-    # fingerprint keeps models trained or measured on other data from being reused; every
-    # other artefact key chains to this one through `parent`, so it needs no copy of it.
-    return {"stage": "clean", "dataset": cfg.dataset, "data": ctx.splits.fingerprint,
-            "train_subset": cfg.train_subset, "test_subset": cfg.test_subset,
-            "eval_size": cfg.eval_size, "width": cfg.width, "train": to_dict(cfg.clean),
-            "seed": cfg.seed, "amp": str(ctx.amp)}
+    """The clean model's spec: stages.CLEAN's fields, the data's fingerprint (so that a model
+    trained or measured on other data is never reused; every later artefact chains to this
+    one through its parent) and the autocast dtype it trained under."""
+    return CLEAN.spec(ctx.cfg, data=ctx.splits.fingerprint, amp_dtype=str(ctx.amp))
 
 
 def clean_model(ctx: Context):
@@ -345,18 +341,13 @@ def clean_model(ctx: Context):
                 "history": history,
                 "clean_accuracy": clean_accuracy(ctx, model, ctx.splits.eval_images,
                                                  ctx.splits.eval_labels)}
-    record = ctx.store.get_or_build("clean", clean_spec(ctx), build)
+    record = ctx.store.get_or_build(CLEAN.name, clean_spec(ctx), build)
     return ctx.load_classifier(record["state_dict"]).eval(), record
 
 
-def backdoor_spec(ctx: Context, trigger_id: int) -> dict:
-    cfg = ctx.cfg
-    spec = {"stage": "backdoor", "parent": spec_key(clean_spec(ctx)), "trigger": trigger_id,
-            "target": cfg.target, "train": to_dict(cfg.attack), "seed": cfg.seed,
-            "amp": str(ctx.amp)}
-    if cfg.trigger_set != "black_white":   # the black-white keys stay those made before sets
-        spec["trigger_set"] = cfg.trigger_set
-    return spec
+def backdoor_spec(ctx: Context, trigger_id: int, attack_seed: int = 0) -> dict:
+    return BACKDOOR.spec(ctx.cfg, spec_key(clean_spec(ctx)), trigger=trigger_id,
+                         attack_seed=attack_seed)
 
 
 def original_source(trigger_id: int, trigger_set: str = "black_white", blend_ratio: float = 0.0):
@@ -421,7 +412,7 @@ def _attacked(ctx: Context, spec: dict, source, seed: int, desc: str) -> dict:
                                                  ctx.splits.eval_labels),
                 "asr": attack_success_rate(ctx, model, ctx.splits.eval_images,
                                            ctx.splits.eval_labels, source, cfg.target)}
-    return ctx.store.get_or_build("backdoor", spec, build)
+    return ctx.store.get_or_build(spec["stage"], spec, build)
 
 
 def backdoored_model(ctx: Context, trigger_id: int, attack_seed: int = 0) -> Backdoor:
@@ -429,9 +420,7 @@ def backdoored_model(ctx: Context, trigger_id: int, attack_seed: int = 0) -> Bac
     images relabelled to cfg.target), trained once and cached. attack_seed k > 0 gives a
     sibling: the same attack on the same clean model with other batches and poisoned images."""
     cfg = ctx.cfg
-    spec = backdoor_spec(ctx, trigger_id)
-    if attack_seed:     # seed 0 keeps the keys made before siblings existed
-        spec["attack_seed"] = attack_seed
+    spec = backdoor_spec(ctx, trigger_id, attack_seed)
     # trigger ids are below 512, so every (trigger, attack_seed) trains from its own seed
     record = _attacked(ctx, spec, original_source(trigger_id, cfg.trigger_set),
                        cfg.seed + trigger_id + 512 * attack_seed,
@@ -443,9 +432,7 @@ def blended_model(ctx: Context) -> Backdoor:
     """The clean model fine-tuned with the Blended attack (cfg.blended, same recipe
     cfg.attack as the patch triggers): SampDetox's positive control, cached."""
     cfg = ctx.cfg
-    spec = {"stage": "backdoor", "parent": spec_key(clean_spec(ctx)),
-            "blended": to_dict(cfg.blended), "target": cfg.target, "train": to_dict(cfg.attack),
-            "seed": cfg.seed, "amp": str(ctx.amp)}
+    spec = BLENDED.spec(cfg, spec_key(clean_spec(ctx)))
     source = original_source(cfg.blended.seed, "blended", cfg.blended.ratio)
     record = _attacked(ctx, spec, source, cfg.seed + cfg.blended.seed, "attack blended")
     return Backdoor(cfg.blended.seed, cfg.target, spec_key(spec), record, "blended",

@@ -86,19 +86,34 @@ def trigger_pattern(trigger_set: str, trigger_id: int) -> torch.Tensor:
 
 
 def random_positions(n, image_size, trigger_size, device=None, generator=None) -> torch.Tensor:
-    """(n, 2) int64 top-left corners (row, column), uniform over every valid position."""
+    """(n, 2) int64 top-left corners (row, column), uniform over every valid position. Drawn
+    on `device` and scaled by Python numbers: nothing is copied from the host."""
     (height, width), (h, w) = image_size, trigger_size
-    high = torch.tensor([height - h + 1, width - w + 1], device=device)
-    return (torch.rand(n, 2, device=device, generator=generator) * high).long()
+    unit = torch.rand(n, 2, device=device, generator=generator)
+    return torch.stack([unit[:, 0] * (height - h + 1), unit[:, 1] * (width - w + 1)], 1).long()
 
 
-def apply_trigger(images, triggers, positions=None, generator=None):
+def check_positions(positions, image_size, trigger_size) -> None:
+    """Raise ValueError unless `positions` are (N, 2) corners at which a trigger of
+    `trigger_size` fits images of `image_size`. It reads the values back from the device (a
+    host synchronisation): for corners given from outside, not those of random_positions."""
+    (height, width), (h, w) = image_size, trigger_size
+    if positions.dim() != 2 or positions.shape[1] != 2 or bool(
+            (positions < 0).any() | (positions[:, 0] > height - h).any()
+            | (positions[:, 1] > width - w).any()):
+        raise ValueError(f"positions must be (N, 2) corners with rows in 0..{height - h} and "
+                         f"columns in 0..{width - w}, got shape {tuple(positions.shape)}")
+
+
+def apply_trigger(images, triggers, positions=None, generator=None, check=True):
     """Paste triggers over images, one top-left corner per image.
 
     images: float (N, C, H, W) pixels in [0, 1].
     triggers: float pixels in [0, 1], (C, h, w) for all images or (N, C, h, w) one each.
     positions: int (N, 2) of (row, column); None draws uniform corners with `generator`.
-    Returns a new tensor; gradients flow to `triggers`.
+    check: whether given positions are checked (check_positions); False only for corners
+    drawn as random_positions draws them, which saves a host synchronisation per call in
+    the training loops. Returns a new tensor; gradients flow to `triggers`.
     """
     n, c, height, width = images.shape
     if triggers.dim() not in (3, 4) or triggers.shape[-3] != c:
@@ -113,11 +128,11 @@ def apply_trigger(images, triggers, positions=None, generator=None):
     device = images.device
     if positions is None:
         positions = random_positions(n, (height, width), (h, w), device, generator)
-    elif positions.shape != (n, 2) or ((positions < 0).any()
-                                       or (positions[:, 0] > height - h).any()
-                                       or (positions[:, 1] > width - w).any()):
-        raise ValueError(f"positions must be (N, 2) corners with rows in 0..{height - h} and "
-                         f"columns in 0..{width - w}, got shape {tuple(positions.shape)}")
+    elif positions.shape != (n, 2):
+        raise ValueError(f"positions must be (N, 2) corners, one per image, got shape "
+                         f"{tuple(positions.shape)} for {n} images")
+    elif check:
+        check_positions(positions, (height, width), (h, w))
     patch = triggers.to(device, images.dtype)
     patch = patch.expand(n, c, h, w).permute(0, 2, 3, 1)                     # (N, h, w, C)
     rows = (positions[:, :1] + torch.arange(h, device=device))[:, :, None]   # (N, h, 1)
@@ -148,12 +163,15 @@ class BlendedTrigger:
 
 
 class TriggerPaster:
-    """A fixed trigger (C, h, w) in [0, 1], pasted at random positions; a trigger source."""
+    """A fixed trigger (C, h, w) in [0, 1], pasted at random positions; a trigger source. The
+    trigger moves to the images' device once, not at every call."""
 
     def __init__(self, trigger):
         self.trigger = trigger
 
     def __call__(self, images, generator=None):
+        if self.trigger.device != images.device:
+            self.trigger = self.trigger.to(images.device)
         return apply_trigger(images, self.trigger, generator=generator)
 
 
@@ -174,15 +192,14 @@ class RandomPatchSource:
 def poison(images, labels, source, rate, target=None, generator=None):
     """Apply `source` to each image with probability `rate`; relabel those to `target`.
 
-    source: a callable (pixels (M, C, H, W), generator) -> triggered pixels, e.g. a
+    source: a callable (pixels (N, C, H, W), generator) -> triggered pixels, e.g. a
     TriggerPaster or a sampler of generated triggers. target=None keeps the true labels
     (the defence's retraining). Returns new (images, labels) and the bool mask (N,) used.
+    Every shape is fixed: the source triggers the whole batch and the mask picks, so no step
+    waits for the device to learn how many images were drawn (a host synchronisation).
     """
     mask = torch.rand(len(images), device=images.device, generator=generator) < rate
-    if not mask.any():
-        return images, labels, mask
-    images, labels = images.clone(), labels.clone()
-    images[mask] = source(images[mask], generator)
+    images = torch.where(mask[:, None, None, None], source(images, generator), images)
     if target is not None:
-        labels[mask] = target
+        labels = torch.where(mask, target, labels)
     return images, labels, mask

@@ -32,38 +32,24 @@ from typing import Callable
 
 import pandas as pd
 
-from .config import (BlendedConfig, Config, ProtocolsConfig, SampDetoxConfig, StudyConfig,
-                     VisualizationConfig, make_config, results_dict, to_dict)
+from . import stages
+from .config import lookup, make_config, to_dict
 from .data import load_cifar
 from .defense import compare_defenses, neural_cleanse_row
 from .mesa import detect_target, staircase_bank
 from .outputs import code_version, output_folder
 from .protocols import exposure_rows, repeat_triggers, screen_rows, screen_triggers
+from .stages import expand
 from .store import REPO_ROOT, shown, spec_key, write_json
 from .train import attack_table, backdoored_model, clean_model, progress, setup
 
 def config_key(cfg, kind) -> str:
-    """The hash of everything a unit's rows depend on: the config less config.HOW_FIELDS
-    (where and how a run computes, not what), the trigger lists (a unit is one trigger) and
-    the sections of notebooks 03, 05 and 06 (study, visualization, blended, sampdetox), which
-    no unit uses. The protocols section (notebooks 07, 08) counts only for the kinds that use
-    it (the screens and the contrast), and for those defense.poison_rate and defense_methods
-    do not: they retrain at the protocols' rates with their own methods. A kind with own_key
-    adds its name. Units of one profile run in several batches of triggers therefore merge."""
-    if kind.uses_protocols:
-        cfg = dataclasses.replace(
-            cfg, protocols=dataclasses.replace(cfg.protocols, screen_triggers=()),
-            defense=dataclasses.replace(cfg.defense, poison_rate=0.0),
-            defense_methods=Config.defense_methods)
-    else:
-        cfg = dataclasses.replace(cfg, protocols=ProtocolsConfig())
-    neutral = dataclasses.replace(cfg, triggers=(0,), study=StudyConfig(),
-                                  visualization=VisualizationConfig(), blended=BlendedConfig(),
-                                  sampdetox=SampDetoxConfig())
-    tree = results_dict(neutral)
-    if kind.own_key:    # a kind that computes other rows from the same config
-        tree["unit_kind"] = kind.name
-    return spec_key(tree)
+    """The hash of everything a unit's rows depend on (UnitKind.key_fields: the config its
+    stages and their ancestors read, and its own reads) and of its kind. Which triggers a run
+    lists is not among them (a unit is one trigger), so the units of one profile run in
+    several batches of triggers merge, and nor is a how-field (config.HOW_FIELDS)."""
+    return spec_key({"unit_kind": kind.name,
+                     "config": {leaf: lookup(cfg, leaf) for leaf in sorted(kind.key_fields)}})
 
 
 def unit_folder(cfg, outputs: str | None = None, root=None, *, kind) -> Path:
@@ -78,16 +64,24 @@ def unit_path(folder: Path, trigger: int) -> Path:
 @dataclass(frozen=True)
 class UnitKind:
     """What a kind of unit computes for one trigger: `tables(ctx, trigger)` -> {table: rows},
-    over the triggers `triggers(cfg)`, written into figures/<outputs>/<folder>/. own_key: its
-    name enters the config key, for a kind whose rows differ from another kind's under the
-    same config (so that a file copied from one kind's folder into the other's is refused)."""
+    over the triggers `triggers(cfg)`, written into figures/<outputs>/<folder>/. Its rows
+    depend on the artefacts of `stages` (stages.Stage: the config they and their ancestors
+    read), on the config it `reads` itself (sections or dotted fields, e.g. the methods it
+    compares) and on none of the fields in `sets`: those it sets itself (the screens retrain
+    at protocols.screen_rate, not at defense.poison_rate) or that list units, not make rows."""
     name: str
     folder: str
     table_names: tuple
     tables: Callable
     triggers: Callable
-    uses_protocols: bool = False
-    own_key: bool = False
+    stages: tuple
+    reads: tuple = ()
+    sets: tuple = ()
+
+    @property
+    def key_fields(self) -> frozenset:
+        fields = set(expand(self.reads)).union(*(stage.key_fields for stage in self.stages))
+        return frozenset(fields - set(expand(self.sets)))
 
 
 def _run_triggers(cfg):
@@ -97,11 +91,12 @@ def _run_triggers(cfg):
 ATTACK = UnitKind("attack", "units/attack", ("attack",),
                   lambda ctx, trigger: {"attack": attack_table(
                       ctx, [backdoored_model(ctx, trigger)]).to_dict("records")},
-                  _run_triggers, own_key=True)
+                  _run_triggers, (stages.BACKDOOR,))
+# detection: its members' alpha and beta, and the threshold that flags a class
 DETECTION = UnitKind("detection", "units/detection", ("detection",),
                      lambda ctx, trigger: {"detection": detect_target(
                          ctx, backdoored_model(ctx, trigger))},
-                     _run_triggers, own_key=True)
+                     _run_triggers, (stages.DETECTION_BANK,), reads=("detection",))
 
 
 def _defence_tables(ctx, trigger: int) -> dict:
@@ -113,12 +108,15 @@ def _defence_tables(ctx, trigger: int) -> dict:
             "defense_runs": compare_defenses(ctx, backdoor)}
 
 
+# mesa: the staircase's members (alpha, betas); the methods compared and their seeds
 DEFENCE = UnitKind("defence", "units/defence", ("staircase", "defense_runs"), _defence_tables,
-                   _run_triggers, own_key=True)
+                   _run_triggers, (stages.MESA_BANK, stages.REVERSE, stages.NEURAL_CLEANSE,
+                                   stages.DEFENSE),
+                   reads=("mesa", "defense_methods", "defense_seeds"))
 NEURAL_CLEANSE = UnitKind("neural_cleanse", "units/neural_cleanse", ("neural_cleanse",),
                           lambda ctx, trigger: {"neural_cleanse": [neural_cleanse_row(
                               ctx, backdoored_model(ctx, trigger))]},
-                          _run_triggers, own_key=True)
+                          _run_triggers, (stages.NEURAL_CLEANSE,))
 def pipeline_kinds(cfg) -> tuple:
     """The kinds of notebooks 01-04 under `cfg`: attack, detection, defence, and Neural
     Cleanse's when cfg.defense_methods compares one of its reversals."""
@@ -127,9 +125,13 @@ def pipeline_kinds(cfg) -> tuple:
 
 
 # The hard-trigger screen of notebook 07's protocols: over protocols.screen_triggers (all 51).
+# The screens retrain at protocols.screen_rate (not defense.poison_rate); screen_triggers lists
+# their units.
+_SCREENED = dict(stages=(stages.REVERSE, stages.DEFENSE), reads=("protocols",),
+                 sets=("defense.poison_rate", "protocols.screen_triggers"))
 SCREEN = UnitKind("screen", "screen", ("screen",),
                   lambda ctx, trigger: {"screen": screen_rows(ctx, trigger)}, screen_triggers,
-                  uses_protocols=True)
+                  **_SCREENED)
 # Its replicates (notebook 08: is a trigger's hardness its pattern's, its model's, or noise?),
 # over repeat_triggers: the original backdoors screened twice on this build of the models
 # (column `repeat`: 0 the original's start and seed, 1 the next baseline start and retraining
@@ -139,19 +141,22 @@ SCREEN_REPEAT = UnitKind(
     "screen-repeat", "screen-repeat", ("screen",),
     lambda ctx, trigger: {"screen": [{**row, "repeat": repeat} for repeat in (0, 1)
                                      for row in screen_rows(ctx, trigger, repeat=repeat)]},
-    repeat_triggers, uses_protocols=True, own_key=True)
+    repeat_triggers, **_SCREENED)
 SCREEN_SIBLING = UnitKind(
     "screen-sibling", "screen-sibling", ("screen",),
     lambda ctx, trigger: {"screen": screen_rows(ctx, trigger,
                                                 attack_seed=ctx.cfg.protocols.sibling_seed)},
-    repeat_triggers, uses_protocols=True, own_key=True)
+    repeat_triggers, **_SCREENED)
 # The contrast where one reversed trigger fails (notebook 08): 07's exposure comparison
 # (protocols.exposure_rates) with every method retrained from each of its retraining seeds,
 # on triggers a screen ranked hardest.
 CONTRAST = UnitKind("contrast", "contrast", ("contrast",),
                     lambda ctx, trigger: {"contrast": exposure_rows(
                         ctx, backdoored_model(ctx, trigger), repeated=True)},
-                    lambda cfg: cfg.triggers, uses_protocols=True, own_key=True)
+                    lambda cfg: cfg.triggers,
+                    (stages.MESA_BANK, stages.REVERSE, stages.DEFENSE),
+                    reads=("protocols", "mesa", "defense_seeds"),
+                    sets=("defense.poison_rate", "protocols.screen_triggers"))
 KINDS = {kind.name: kind for kind in (ATTACK, DETECTION, DEFENCE, NEURAL_CLEANSE, SCREEN,
                                       SCREEN_SIBLING, SCREEN_REPEAT, CONTRAST)}
 PIPELINE = "pipeline"       # the name of pipeline_kinds wherever a kind is named
@@ -166,8 +171,12 @@ def other_model_config(cfg):
 def contrast_config(cfg, triggers):
     """cfg for the contrast units on `triggers`: 07's exposure comparison at the screen's rate
     (protocols.screen_rate, the paper's exposure) and at the profile's (defense.poison_rate)."""
-    return dataclasses.replace(cfg, triggers=tuple(triggers), protocols=dataclasses.replace(
-        cfg.protocols, exposure_rates=(cfg.protocols.screen_rate, cfg.defense.poison_rate)))
+    # visualization.triggers must be among the triggers: () draws whichever (none are drawn)
+    return dataclasses.replace(
+        cfg, triggers=tuple(triggers),
+        visualization=dataclasses.replace(cfg.visualization, triggers=()),
+        protocols=dataclasses.replace(cfg.protocols, exposure_rates=(
+            cfg.protocols.screen_rate, cfg.defense.poison_rate)))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import torch
 
 import mesa_utils.data as data
 import mesa_utils.train as train
-from mesa_utils.config import TrainConfig, make_config, results_dict
+from mesa_utils.config import HOW_FIELDS, TrainConfig, make_config
 from mesa_utils.data import STATS, Splits
 from mesa_utils.defense import retrain_many
 from mesa_utils.models import ResNet18, ResNetBank
@@ -130,9 +130,8 @@ def test_retrain_many_banked_stores_what_the_lone_runs_store(float64_ctx):
 
 
 def test_a_retrain_bank_names_its_own_results():
-    """A bank size is checked like any count; above 1 its results (float32 members part from
-    the lone runs) go to other unit files and another output folder than the profile's, while
-    the lone runs keep the keys made before bank sizes existed."""
+    """A bank size is checked like any count; its results (float32 members part from the lone
+    runs) go to other unit files and another output folder than the profile's."""
     from mesa_utils.outputs import output_folder, overridden_fields
     from mesa_utils.units import DEFENCE, config_key
     with pytest.raises(ValueError, match="retrain_bank must be an integer >= 1"):
@@ -140,6 +139,6 @@ def test_a_retrain_bank_names_its_own_results():
     banked = make_config("quick", retrain_bank=8)
     assert config_key(banked, DEFENCE) != config_key(make_config("quick"), DEFENCE)
     assert output_folder(banked) != "quick" and overridden_fields(banked) == {"retrain_bank": 8}
-    assert "retrain_bank" not in results_dict(make_config("quick"))
+    assert "retrain_bank" not in HOW_FIELDS
     assert config_key(make_config("quick", defense_seeds=2), DEFENCE) != \
         config_key(make_config("quick"), DEFENCE)

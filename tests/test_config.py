@@ -94,7 +94,7 @@ INVALID = [
     ({"eval_size": 0}, "eval_size must be an integer >= 1, got 0"),
     ({"eval_size": 768}, "eval_size must be an integer in [1, 767] (below the test set size "
                          "768), got 768"),
-    ({"width": 0}, "width must be an integer >= 1, got 0"),
+    ({"width": 0}, "width must be an integer >= 8, got 0"),
     ({"target": -1}, "target must be an integer >= 0, got -1"),
     ({"target": 10}, "target must be an integer in [0, 9], got 10"),
     ({"dataset": "cifar100", "target": 100}, "target must be an integer in [0, 99], got 100"),
@@ -201,7 +201,7 @@ INVALID = [
     ({"sampdetox.ema_decay": 1.0}, "sampdetox.ema_decay must be in [0, 1), got 1.0"),
     # beyond int64 (no tensor, seed or float holds it): refused, whatever the field's bound
     ({"seed": 2 ** 64}, "seed must be an integer >= 0, got 18446744073709551616"),
-    ({"width": 10 ** 400}, "width must be an integer >= 1"),
+    ({"width": 10 ** 400}, "width must be an integer >= 8"),
     ({"mesa.lr": 10 ** 400}, "mesa.lr must be a finite number, got 1000"),
     ({"trigger_set": "random_colour", "triggers": (2 ** 64,)},
      "triggers[0] must be a trigger id (an integer in [0, 2^63 - 1])"),
@@ -222,7 +222,7 @@ def test_configs_built_directly_reject_bools_and_lists():
     # make_config's overrides are type-checked by _replace; a Config built in code is not
     cfg = make_config("smoke")
     for broken, message in [
-        (dataclasses.replace(cfg, width=True), "width must be an integer >= 1, got True"),
+        (dataclasses.replace(cfg, width=True), "width must be an integer >= 8, got True"),
         (dataclasses.replace(cfg, mesa=dataclasses.replace(cfg.mesa, steps=True)),
          "mesa.steps must be an integer >= 1, got True"),
         (dataclasses.replace(cfg, triggers=[170]), "triggers must be a non-empty tuple"),

@@ -72,11 +72,12 @@ def test_diverged_attack_stores_no_model(toy_ctx):
 
 
 def test_diverged_mesa_bank_is_an_error_and_stores_nothing(toy_ctx):
-    mcfg = MesaConfig(steps=25, batch_size=32, hidden=32, lr=1000.0, eval_samples=64)
+    ctx = dataclasses.replace(toy_ctx, cfg=dataclasses.replace(toy_ctx.cfg, mesa=MesaConfig(
+        steps=25, batch_size=32, hidden=32, lr=1000.0, eval_samples=64)))
     with pytest.raises(NonFiniteError, match=r"nats, below the floor .* Lower mesa.lr \(now "
                                              r"1000\) or the entropy weight alpha"):
-        mesa_bank(toy_ctx, BrightPatchModel(), "parent", [Member(0.8, 0.1, 0)], mcfg)
-    assert not (toy_ctx.store.root / "mesa").exists()
+        mesa_bank(ctx, BrightPatchModel(), "parent", [Member(0.8, 0.1, 0)])
+    assert not (ctx.store.root / "mesa").exists()
 
 
 def test_baseline_reversal_on_a_broken_model_is_an_error(toy_ctx):

@@ -258,7 +258,6 @@ def test_hyperparameter_study_trains_every_setting_from_each_seed(toy_ctx):
 
 def test_a_bank_refuses_repeated_members(toy_ctx):
     with pytest.raises(ValueError, match="must be distinct"):
-        mesa_bank(toy_ctx, BrightPatchModel(), "toy", [Member(0.8, 0.1, 0)] * 2,
-                  toy_ctx.cfg.mesa)
+        mesa_bank(toy_ctx, BrightPatchModel(), "toy", [Member(0.8, 0.1, 0)] * 2)
 
 
