@@ -11,7 +11,7 @@ and `random_patch` (a fresh uniformly random 3x3 patch per poisoned image): a de
 its ASR only below what they reach.
 """
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -300,16 +300,33 @@ def neural_cleanse_row(ctx: Context, backdoor: Backdoor) -> dict:
 DEFENSE_METHODS = tuple(METHODS)
 
 
+@dataclass(frozen=True)
+class Retraining:
+    """What one retraining of a comparison pastes: `method` (a name of methods.METHODS), its
+    trigger `source` (None: nothing pasted) and `spec` (what identifies the source in the
+    retraining's key); `beta` for a MESA sub-model, `start` for a baseline start, else None.
+    Each is retrained from one or more seeds (retraining_seeds)."""
+    method: str
+    source: object
+    spec: dict
+    beta: float | None = None
+    start: int | None = None
+
+    def label(self, backdoor: Backdoor, seed: int) -> str:
+        """Its progress bar's label."""
+        return (f"retrain {method_label(self.method, self.beta)}, trigger {backdoor.trigger}, "
+                f"seed {seed}")
+
+
 def defense_sources(ctx: Context, backdoor: Backdoor, methods=DEFENSE_METHODS) -> list:
-    """The trigger sources of 04's comparison for one backdoored model, as (method, beta,
-    start, source, source spec), for each of `methods` (only those are built): mesa (one per
+    """The Retrainings of 04's comparison for one backdoored model, for each of `methods`
+    (only those are built): mesa (one per
     beta of the staircase), mesa_mixture (uniform gamma), mesa_entropy_mixture (Algorithm 1's
     gamma: mesa.entropy_weights; left out, with a warning, when every sub-model is empty),
     baseline (one per start), neural_cleanse (its reversal for the target class, at its
     place), neural_cleanse_crop (that reversal cut to its mask's bounding box, pasted at
     random places), ideal (the original trigger), and the controls finetune (no trigger:
-    source None, nothing pasted) and random_patch (uniformly random 3x3 patches).
-    The spec identifies the source in the retraining's key."""
+    source None, nothing pasted) and random_patch (uniformly random 3x3 patches)."""
     unknown = sorted(set(methods) - set(DEFENSE_METHODS))
     if unknown:
         raise ValueError(f"unknown defence methods {unknown}; choose from {DEFENSE_METHODS}")
@@ -318,12 +335,13 @@ def defense_sources(ctx: Context, backdoor: Backdoor, methods=DEFENSE_METHODS) -
         bank = staircase_bank(ctx, backdoor)
         members = [asdict(m) for m in bank.members]
     if "mesa" in methods:
-        runs += [("mesa", member.beta, None, bank.sampler([member]),
-                  {"kind": "mesa", "bank": bank.key, "members": [asdict(member)]})
+        runs += [Retraining("mesa", bank.sampler([member]),
+                            {"kind": "mesa", "bank": bank.key, "members": [asdict(member)]},
+                            beta=member.beta)
                  for member in bank.members]
     if "mesa_mixture" in methods:
-        runs.append(("mesa_mixture", None, None, bank.sampler(),
-                     {"kind": "mesa", "bank": bank.key, "members": members}))
+        runs.append(Retraining("mesa_mixture", bank.sampler(),
+                               {"kind": "mesa", "bank": bank.key, "members": members}))
     if "mesa_entropy_mixture" in methods:
         entropy_mixture = bank.entropy_sampler()
         if entropy_mixture is None:
@@ -331,31 +349,32 @@ def defense_sources(ctx: Context, backdoor: Backdoor, methods=DEFENSE_METHODS) -
                           "target softmax below its beta), so Algorithm 1's mixture is undefined "
                           "and mesa_entropy_mixture is left out for this trigger")
         else:
-            runs.append(("mesa_entropy_mixture", None, None, entropy_mixture,
-                         {"kind": "mesa", "bank": bank.key, "members": members,
-                          "weights": entropy_mixture.weights.tolist()}))
+            runs.append(Retraining("mesa_entropy_mixture", entropy_mixture,
+                                   {"kind": "mesa", "bank": bank.key, "members": members,
+                                    "weights": entropy_mixture.weights.tolist()}))
     if "baseline" in methods:
-        runs += [("baseline", None, start, *patch_source(ctx, trigger))
+        runs += [Retraining("baseline", *patch_source(ctx, trigger), start=start)
                  for start, trigger in enumerate(baseline_triggers(ctx, backdoor))]
     if {"neural_cleanse", "neural_cleanse_crop"} & set(methods):
         nc = neural_cleanse_result(ctx, backdoor)
         nc_mask, nc_pattern = (nc["masks"][backdoor.target].to(ctx.device),
                                nc["patterns"][backdoor.target].to(ctx.device))
-        nc_spec = {"kind": "neural_cleanse", "reversal": NEURAL_CLEANSE.key(ctx.cfg, backdoor.key)}
+        nc_spec = {"kind": "neural_cleanse",
+                   "reversal": NEURAL_CLEANSE.key(ctx.cfg, backdoor.key)}
     if "neural_cleanse" in methods:
-        runs.append(("neural_cleanse", None, None, MaskSource(nc_mask, nc_pattern), nc_spec))
+        runs.append(Retraining("neural_cleanse", MaskSource(nc_mask, nc_pattern), nc_spec))
     if "neural_cleanse_crop" in methods:
-        runs.append(("neural_cleanse_crop", None, None,
-                     MaskedPatchPaster(*crop_to_mask(nc_mask, nc_pattern)),
-                     {**nc_spec, "kind": "neural_cleanse_crop", "threshold": 0.5}))
+        runs.append(Retraining("neural_cleanse_crop",
+                               MaskedPatchPaster(*crop_to_mask(nc_mask, nc_pattern)),
+                               {**nc_spec, "kind": "neural_cleanse_crop", "threshold": 0.5}))
     if "ideal" in methods:
-        runs.append(("ideal", None, None, backdoor.source(),
-                     {"kind": "original", "trigger": backdoor.trigger}))
+        runs.append(Retraining("ideal", backdoor.source(),
+                               {"kind": "original", "trigger": backdoor.trigger}))
     if "finetune" in methods:
-        runs.append(("finetune", None, None, None, {"kind": "none"}))
+        runs.append(Retraining("finetune", None, {"kind": "none"}))
     if "random_patch" in methods:
-        runs.append(("random_patch", None, None, RandomPatchSource((3, 3)),
-                     {"kind": "random_patch", "size": [3, 3]}))
+        runs.append(Retraining("random_patch", RandomPatchSource((3, 3)),
+                               {"kind": "random_patch", "size": [3, 3]}))
     return runs
 
 
@@ -372,28 +391,23 @@ def retraining_seeds(cfg, method: str) -> list:
     return [cfg.seed + k for k in range(count)]
 
 
-def retrain_row(ctx: Context, backdoor: Backdoor, method: str, beta, start, source,
-                source_spec: dict, seed: int, holdout: int = 0) -> dict:
-    """One run of a comparison as a tidy row: `source` retrained (retrain) from `seed`, its
+def retrain_row(ctx: Context, backdoor: Backdoor, run: Retraining, seed: int,
+                holdout: int = 0) -> dict:
+    """One run of a comparison as a tidy row: `run` retrained (retrain) from `seed`, its
     before/after ASR and clean accuracy on the eval split, asr_after_low/high the 95% Wilson
     interval of its after-defence ASR; with `holdout`, also its holdout_asr and
     holdout_clean_accuracy on the defender's held-out images."""
-    record = retrain(ctx, backdoor, source, source_spec, seed,
-                     desc=_retrain_label(backdoor, method, beta, seed), holdout=holdout)
-    return _run_row(ctx, backdoor, method, beta, start, seed, record)
+    record = retrain(ctx, backdoor, run.source, run.spec, seed, desc=run.label(backdoor, seed),
+                     holdout=holdout)
+    return _run_row(ctx, backdoor, run, seed, record)
 
 
-def _retrain_label(backdoor: Backdoor, method: str, beta, seed: int) -> str:
-    return f"retrain {method_label(method, beta)}, trigger {backdoor.trigger}, seed {seed}"
-
-
-def _run_row(ctx: Context, backdoor: Backdoor, method: str, beta, start, seed: int,
-             record: dict) -> dict:
+def _run_row(ctx: Context, backdoor: Backdoor, run: Retraining, seed: int, record: dict) -> dict:
     low, high = eval_asr_interval(ctx, record["asr"])
-    row = {"trigger": backdoor.trigger, "method": method, "beta": beta, "start": start,
-           "seed": seed, "asr_before": backdoor.asr, "asr_after": record["asr"],
-           "asr_after_low": low, "asr_after_high": high, "clean_before": backdoor.clean_accuracy,
-           "clean_after": record["clean_accuracy"]}
+    row = {"trigger": backdoor.trigger, "method": run.method, "beta": run.beta,
+           "start": run.start, "seed": seed, "asr_before": backdoor.asr,
+           "asr_after": record["asr"], "asr_after_low": low, "asr_after_high": high,
+           "clean_before": backdoor.clean_accuracy, "clean_after": record["clean_accuracy"]}
     if "holdout_asr" in record:
         row.update(holdout_asr=record["holdout_asr"],
                    holdout_clean_accuracy=record["holdout_clean_accuracy"])
@@ -405,12 +419,9 @@ def compare_defenses(ctx: Context, backdoor: Backdoor) -> list:
     retrained alike from each of its retraining_seeds (retrain_many: retrain_bank at once): tidy
     rows of before/after ASR and clean accuracy, one per run (seed: the retraining's);
     asr_after_low/high is the 95% Wilson interval of each run's after-defence ASR."""
-    runs = [(method, beta, start, source, spec, seed)
-            for method, beta, start, source, spec in defense_sources(ctx, backdoor,
-                                                                      ctx.cfg.defense_methods)
-            for seed in retraining_seeds(ctx.cfg, method)]
-    records = retrain_many(ctx, backdoor, [
-        (source, spec, seed, _retrain_label(backdoor, method, beta, seed))
-        for method, beta, start, source, spec, seed in runs])
-    return [_run_row(ctx, backdoor, method, beta, start, seed, record)
-            for (method, beta, start, _, _, seed), record in zip(runs, records)]
+    runs = [(run, seed) for run in defense_sources(ctx, backdoor, ctx.cfg.defense_methods)
+            for seed in retraining_seeds(ctx.cfg, run.method)]
+    records = retrain_many(ctx, backdoor, [(run.source, run.spec, seed, run.label(backdoor, seed))
+                                           for run, seed in runs])
+    return [_run_row(ctx, backdoor, run, seed, record)
+            for (run, seed), record in zip(runs, records)]

@@ -25,10 +25,10 @@ import pandas as pd
 import torch
 
 from .config import validate
-from .defense import (baseline_triggers, defense_sources, patch_source, retrain_row,
-                      retraining_seeds)
+from .defense import (Retraining, baseline_triggers, defense_sources, patch_source,
+                      retrain_row, retraining_seeds)
 from .intervals import bootstrap_interval
-from .methods import method_label
+from .methods import EXPOSURE_METHODS, method_label
 from .train import (Backdoor, Context, attack_success_rate, backdoored_model, clean_model,
                     eval_asr_interval, progress)
 from .triggers import (BW_TRIGGER_IDS, RandomPatchSource, TriggerPaster, pattern_from_id,
@@ -149,9 +149,9 @@ def closest_planting_attack(table):
 # ---------------------------------------------------------------------------------------------
 # The exposure curve and the rule that picks r
 
-# Retrained at every rate of the curve; of MESA only the highest beta's sub-model (and the
-# mixture). finetune pastes nothing, so r does not apply to it: one run, shown at every rate.
-EXPOSURE_METHODS = ("finetune", "random_patch", "baseline", "mesa", "mesa_mixture", "ideal")
+# Retrained at every rate of the curve: methods.EXPOSURE_METHODS; of MESA only the highest
+# beta's sub-model (and the mixture). finetune pastes nothing, so r does not apply to it: one
+# run, shown at every rate.
 
 
 def exposure_rows(ctx: Context, backdoor: Backdoor, repeated: bool = False) -> list:
@@ -167,19 +167,16 @@ def exposure_rows(ctx: Context, backdoor: Backdoor, repeated: bool = False) -> l
     finetune = {}
     for rate in ctx.cfg.protocols.exposure_rates:
         at_rate = with_section(ctx, "defense", poison_rate=rate)
-        for method, beta, start, source, spec in defense_sources(at_rate, backdoor,
-                                                                 EXPOSURE_METHODS):
-            if method == "mesa" and beta != top_beta:
+        for run in defense_sources(at_rate, backdoor, EXPOSURE_METHODS):
+            if run.method == "mesa" and run.beta != top_beta:
                 continue
-            for seed in retraining_seeds(ctx.cfg, method) if repeated else [ctx.cfg.seed]:
-                if method == "finetune":
+            for seed in retraining_seeds(ctx.cfg, run.method) if repeated else [ctx.cfg.seed]:
+                if run.method == "finetune":
                     if seed not in finetune:
-                        finetune[seed] = retrain_row(ctx, backdoor, method, beta, start, source,
-                                                     spec, seed, holdout)
+                        finetune[seed] = retrain_row(ctx, backdoor, run, seed, holdout)
                     rows.append({**finetune[seed], "rate": rate})
                     continue
-                rows.append({**retrain_row(at_rate, backdoor, method, beta, start, source, spec,
-                                           seed, holdout), "rate": rate})
+                rows.append({**retrain_row(at_rate, backdoor, run, seed, holdout), "rate": rate})
     return rows
 
 
@@ -225,12 +222,11 @@ def baseline_variant_rows(ctx: Context, backdoor: Backdoor) -> list:
     rows = []
     for variant, triggers in variants.items():
         for start, trigger in enumerate(triggers):
-            source, spec = patch_source(ctx, trigger)
-            row = retrain_row(ctx, backdoor, "baseline", None, start, source, spec,
-                              ctx.cfg.seed, holdout)
+            run = Retraining("baseline", *patch_source(ctx, trigger), start=start)
+            row = retrain_row(ctx, backdoor, run, ctx.cfg.seed, holdout)
             rows.append({**row, "variant": variant,
                          "reversed_asr": attack_success_rate(ctx, model, held_images,
-                                                             held_labels, source,
+                                                             held_labels, run.source,
                                                              backdoor.target),
                          "l2_to_trigger": float((trigger - original).norm()),
                          "sibling_asr": sibling.asr})
@@ -293,12 +289,11 @@ def screen_rows(ctx: Context, trigger: int, attack_seed: int = 0, repeat: int = 
     reversed_triggers = baseline_triggers(ctx, backdoor)
     rows = []
     for start in range(first, first + pcfg.screen_starts):
-        source, spec = patch_source(ctx, reversed_triggers[start])
-        row = retrain_row(at_rate, backdoor, "baseline", None, start, source, spec,
-                          ctx.cfg.seed + repeat, holdout)
+        run = Retraining("baseline", *patch_source(ctx, reversed_triggers[start]), start=start)
+        row = retrain_row(at_rate, backdoor, run, ctx.cfg.seed + repeat, holdout)
         rows.append({**row, "rate": pcfg.screen_rate,
                      "reversed_asr": attack_success_rate(ctx, model, held_images, held_labels,
-                                                         source, backdoor.target),
+                                                         run.source, backdoor.target),
                      "l2_to_trigger": float((reversed_triggers[start] - original).norm()),
                      "inverted_asr": float(inverted.iloc[0]) if len(inverted) else -1.0,
                      "symmetry_max_asr": float(relatives.asr.max()) if len(relatives) else -1.0,

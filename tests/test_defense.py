@@ -134,14 +134,16 @@ def test_every_defence_source_and_both_controls_are_compared(toy_ctx, monkeypatc
         "masks": torch.zeros(3, 1, 32, 32), "patterns": torch.zeros(3, 3, 32, 32)})
     backdoor = SimpleNamespace(trigger=170, target=0, key="k", source=lambda: "original")
     runs = defense.defense_sources(toy_ctx, backdoor)
-    methods = [r[0] for r in runs]
+    methods = [r.method for r in runs]
     assert methods == ["mesa", "mesa", "mesa_mixture", "mesa_entropy_mixture", "baseline",
                        "baseline", "neural_cleanse", "neural_cleanse_crop", "ideal", "finetune",
                        "random_patch"]
     finetune, random_patch = runs[-2], runs[-1]
-    assert finetune[3] is None and finetune[4] == {"kind": "none"}
-    assert isinstance(random_patch[3], RandomPatchSource) and random_patch[4]["kind"] == "random_patch"
-    assert len({str(r[4]) for r in runs}) == len(runs)       # every retraining keyed apart
+    assert finetune.source is None and finetune.spec == {"kind": "none"}
+    assert isinstance(random_patch.source, RandomPatchSource)
+    assert random_patch.spec["kind"] == "random_patch"
+    assert [r.beta for r in runs[:2]] == [0.5, 0.9] and [r.start for r in runs[4:6]] == [0, 1]
+    assert len({str(r.spec) for r in runs}) == len(runs)     # every retraining keyed apart
 
 
 def test_every_method_but_the_baseline_is_retrained_from_each_seed(toy_ctx, monkeypatch):
@@ -152,8 +154,10 @@ def test_every_method_but_the_baseline_is_retrained_from_each_seed(toy_ctx, monk
 
     import mesa_utils.defense as defense
     ctx = replace(toy_ctx, cfg=replace(toy_ctx.cfg, seed=5, defense_seeds=3))
-    sources = [("mesa", 0.9, None, "s", {"kind": "mesa"}), ("baseline", None, 0, "s", {"b": 0}),
-               ("baseline", None, 1, "s", {"b": 1}), ("finetune", None, None, None, {"kind": "none"})]
+    sources = [defense.Retraining("mesa", "s", {"kind": "mesa"}, beta=0.9),
+               defense.Retraining("baseline", "s", {"b": 0}, start=0),
+               defense.Retraining("baseline", "s", {"b": 1}, start=1),
+               defense.Retraining("finetune", None, {"kind": "none"})]
     monkeypatch.setattr(defense, "defense_sources", lambda ctx, backdoor, methods: sources)
     trained = []
 

@@ -10,7 +10,7 @@ import torch
 
 import mesa_utils.protocols as protocols
 from mesa_utils.config import BaselineConfig, make_config
-from mesa_utils.defense import retrain, reverse_triggers
+from mesa_utils.defense import Retraining, retrain, reverse_triggers
 from mesa_utils.triggers import BW_TRIGGER_IDS, pattern_from_id, symmetry_class
 from tests.conftest import BrightPatchModel
 
@@ -70,7 +70,7 @@ def test_a_sibling_attack_is_its_own_model_on_the_same_clean_model(toy_ctx, monk
     itself = train.backdoored_model(toy_ctx, 170)
     sibling = train.backdoored_model(toy_ctx, 170, attack_seed=1)
     (own_spec, own_seed), (sibling_spec, sibling_seed) = made
-    assert own_spec == train.backdoor_spec(toy_ctx, 170)     # keys made before siblings stay
+    assert own_spec == train.backdoor_spec(toy_ctx, 170)     # attack_seed 0: the original
     assert sibling_spec == {**own_spec, "attack_seed": 1}
     assert sibling_spec["parent"] == own_spec["parent"]       # the same clean model
     assert (own_seed, sibling_seed) == (toy_ctx.cfg.seed + 170, toy_ctx.cfg.seed + 170 + 512)
@@ -102,18 +102,18 @@ def test_exposure_curve_retrains_each_method_at_each_rate_and_finetune_once(toy_
                                                                            monkeypatch):
     ctx = replace(toy_ctx, cfg=make_config("smoke", device="cpu", amp="off",
                                            **{"protocols.exposure_rates": (0.05, 0.1, 0.2)}))
-    sources = [("mesa", 0.5, None, "s", {}), ("mesa", 0.9, None, "s", {}),
-               ("mesa_mixture", None, None, "s", {}), ("baseline", None, 0, "s", {}),
-               ("baseline", None, 1, "s", {}), ("ideal", None, None, "s", {}),
-               ("finetune", None, None, None, {}), ("random_patch", None, None, "s", {})]
+    sources = [Retraining("mesa", "s", {}, beta=0.5), Retraining("mesa", "s", {}, beta=0.9),
+               Retraining("mesa_mixture", "s", {}), Retraining("baseline", "s", {}, start=0),
+               Retraining("baseline", "s", {}, start=1), Retraining("ideal", "s", {}),
+               Retraining("finetune", None, {}), Retraining("random_patch", "s", {})]
     asked = []
     monkeypatch.setattr(protocols, "defense_sources",
                         lambda c, b, methods: asked.append(methods) or sources)
     runs = []
 
-    def fake_row(c, backdoor, method, beta, start, source, spec, seed, holdout):
-        runs.append((method, beta, start, c.cfg.defense.poison_rate, holdout, seed))
-        return {"method": method, "beta": beta, "start": start, "seed": seed}
+    def fake_row(c, backdoor, run, seed, holdout):
+        runs.append((run.method, run.beta, run.start, c.cfg.defense.poison_rate, holdout, seed))
+        return {"method": run.method, "beta": run.beta, "start": run.start, "seed": seed}
     monkeypatch.setattr(protocols, "retrain_row", fake_row)
     # repeated (the contrast units): every method from each of its retraining seeds, the
     # baseline's starts as its runs, finetuning once per seed for every rate

@@ -90,7 +90,6 @@ def config_reads(monkeypatch):
     section replaced into a new Config is still named; the reads of dataclasses.replace
     (copies) and of config.validate (checks) are not counted."""
     reads, prefixes, silenced = set(), {}, [0]
-    classes = {cls for cls in config.SECTIONS} | {Config}
 
     def getattribute(self, name):
         value = object.__getattribute__(self, name)
@@ -98,9 +97,10 @@ def config_reads(monkeypatch):
         if name not in names:
             return value
         prefix = "" if type(self) is Config else prefixes.get(id(self), (None,))[0]
-        path = f"{prefix}{name}" if prefix is not None else f"<unnamed {type(self).__name__}>.{name}"
+        path = (f"{prefix}{name}" if prefix is not None
+                else f"<unnamed {type(self).__name__}>.{name}")
         if dataclasses.is_dataclass(value):
-            prefixes[id(value)] = (path + ".", value)       # the value kept: its id stays its
+            prefixes[id(value)] = (path + ".", value)   # kept alive: its id is not reused
         elif not silenced[0]:
             reads.add(path)
         return value
@@ -113,7 +113,7 @@ def config_reads(monkeypatch):
             finally:
                 silenced[0] -= 1
         return call
-    for cls in classes:
+    for cls in config.SECTIONS:
         monkeypatch.setattr(cls, "__getattribute__", getattribute, raising=False)
     # copying fields and checking a config (config.validate) are not computing with them
     monkeypatch.setattr(dataclasses, "replace", quiet(dataclasses.replace))

@@ -90,7 +90,8 @@ def _per_step(run_with_steps) -> list:
 
 def _poisoned_fit(ctx, source, target):
     def run(steps):
-        images, labels = ctx.splits.defense_images[:16 * steps], ctx.splits.defense_labels[:16 * steps]
+        images = ctx.splits.defense_images[:16 * steps]
+        labels = ctx.splits.defense_labels[:16 * steps]
         cfg = make_config("smoke", **{"defense.batch_size": 16, "defense.poison_rate": 0.5}).defense
         model = ctx.new_classifier()
         fit(ctx, model, images, labels, cfg, "defense", source=source, target=target, seed=0)
