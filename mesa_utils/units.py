@@ -39,7 +39,6 @@ from .defense import compare_defenses, neural_cleanse_row
 from .mesa import detect_target, staircase_bank
 from .outputs import code_version, output_folder
 from .protocols import exposure_rows, repeat_triggers, screen_rows, screen_triggers
-from .stages import expand
 from .store import REPO_ROOT, shown, spec_key, write_json
 from .train import attack_table, backdoored_model, clean_model, progress, setup
 
@@ -80,8 +79,8 @@ class UnitKind:
 
     @property
     def key_fields(self) -> frozenset:
-        fields = set(expand(self.reads)).union(*(stage.key_fields for stage in self.stages))
-        return frozenset(fields - set(expand(self.sets)))
+        fields = set(stages.expand(self.reads)).union(*(s.key_fields for s in self.stages))
+        return frozenset(fields - set(stages.expand(self.sets)))
 
 
 def _run_triggers(cfg):
