@@ -320,13 +320,13 @@ class Retraining:
 
 def defense_sources(ctx: Context, backdoor: Backdoor, methods=DEFENSE_METHODS) -> list:
     """The Retrainings of 04's comparison for one backdoored model, for each of `methods`
-    (only those are built): mesa (one per
-    beta of the staircase), mesa_mixture (uniform gamma), mesa_entropy_mixture (Algorithm 1's
-    gamma: mesa.entropy_weights; left out, with a warning, when every sub-model is empty),
-    baseline (one per start), neural_cleanse (its reversal for the target class, at its
-    place), neural_cleanse_crop (that reversal cut to its mask's bounding box, pasted at
-    random places), ideal (the original trigger), and the controls finetune (no trigger:
-    source None, nothing pasted) and random_patch (uniformly random 3x3 patches)."""
+    (only those are built): mesa (one per beta of the staircase), mesa_mixture (uniform
+    gamma), mesa_entropy_mixture (Algorithm 1's gamma: mesa.entropy_weights; left out, with a
+    warning, when every sub-model is empty), baseline (one per start), neural_cleanse (its
+    reversal for the target class, at its place), neural_cleanse_crop (that reversal cut to
+    its mask's bounding box, pasted at random places), ideal (the original trigger), and the
+    controls finetune (no trigger: source None, nothing pasted) and random_patch (uniformly
+    random 3x3 patches)."""
     unknown = sorted(set(methods) - set(DEFENSE_METHODS))
     if unknown:
         raise ValueError(f"unknown defence methods {unknown}; choose from {DEFENSE_METHODS}")

@@ -20,28 +20,17 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .config import HOW_FIELDS, PROFILES, make_config, results_dict, to_dict
+from .config import PROFILES, make_config, results_dict, to_dict
 from .store import REPO_ROOT, atomic_write, shown, spec_key, write_json
 
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-def _flat(tree: dict, prefix="") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def overridden_fields(cfg) -> dict:
     """{dotted field: value} where `cfg` differs from its profile (config.HOW_FIELDS aside:
     they decide where a run computes, not what it computes)."""
-    profile = _flat(to_dict(make_config(cfg.profile)))
-    return {name: value for name, value in _flat(to_dict(cfg)).items()
-            if name not in HOW_FIELDS and profile[name] != value}
+    profile = results_dict(make_config(cfg.profile))
+    return {name: value for name, value in results_dict(cfg).items() if profile[name] != value}
 
 
 def output_folder(cfg, folder: str | None = None) -> str:
