@@ -4,9 +4,10 @@
 #
 #   ./run_all.sh                          notebooks 01-05 (the paper's pipeline), quick profile
 #   ./run_all.sh --profile smoke|quick|paper [papermill options, e.g. -p seed 1 -y 'triggers: [170]']
-#   ./run_all.sh --only 03,04             only these notebooks, run in numeric order; 06-08 run
+#   ./run_all.sh --only 03,04             only these notebooks, run in numeric order; 06-09 run
 #                                         only so (06 SampDetox, ~30 min in quick; 07 the claim
-#                                         under other protocols, ~2 h; 08 the hard-trigger screen)
+#                                         under other protocols, ~2 h; 08 the hard-trigger screen;
+#                                         09 triggers of unknown size)
 #   ./run_all.sh --test                   unit tests + every notebook under nbval (smoke profile)
 #   ./run_all.sh --profile paper --workers N [--address A] [sweep options, e.g. --gpus-per-unit 0.25]
 #                                         the per-trigger units of 01-04 as Ray tasks, then the
@@ -59,7 +60,7 @@ while (($#)); do
                    ADDRESS=$2; SWEEP=1; shift 2 ;;
         --address=*) ADDRESS=${1#--address=}; SWEEP=1; shift ;;
         --prepare-device) PREPARE=1; shift ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
         *) PASSTHROUGH+=("$1"); shift ;;
     esac
 done
@@ -211,6 +212,9 @@ export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 
 if [[ $MODE == test ]]; then
     export MESA_PROFILE=smoke
+    # No progress bars under test: nbval waits at most 5 s (fixed) for a cell's messages after
+    # it returns, and a bar's widget updates are many (one such timeout in 08, 2026-12-06).
+    export TQDM_DISABLE=1
     exec python -m pytest tests notebooks --nbval-lax -p no:cacheprovider "${PASSTHROUGH[@]}"
 fi
 if [[ $SWEEP == 1 ]]; then

@@ -11,7 +11,8 @@ import os
 import re
 from dataclasses import dataclass
 
-from .methods import CONTRAST_MESA, METHODS
+from .methods import CONTRAST_MESA, DEFAULT_METHODS, METHODS
+from .triggers import TRIGGER_SETS
 
 PROFILES = ("smoke", "quick", "paper")
 
@@ -373,6 +374,32 @@ class ProtocolsConfig:
 
 
 @dataclass(frozen=True)
+class UnknownSizeConfig:
+    """Notebook 09: MESA for triggers of unknown size and shape, the paper's future work. Its
+    size-free generators output colour and transparency for every pixel of a max_size x
+    max_size window, blended in at a random place (triggers.apply_trigger); the defender is
+    told max_size only. Every other setting of their training is mesa's (the staircase) and
+    detection's (one generator per class)."""
+    max_size: int = setting(8, Range(low=1, high=32, integer=True))    # S, within 32x32 images
+    # Weight of the mean transparency (in [0, 1]) of the samples that meet the hinge, in each
+    # generator's loss (mesa.train_bank). Without it nothing keeps a generator from painting
+    # the whole window opaquely: a patch far larger than the trigger, with room for an
+    # adversarial patch. Chosen before any backdoored model was seen, on the classifier that
+    # fires on one 4x4 pattern only (unknown_size.PatternDetector; 2 seeds, 200 steps, S = 8,
+    # 2026-12-06): at costs 0, 0.1, 0.3 and 1 its generators kept 53-54, 29-38, 17-21 and
+    # 15-16 opaque pixels, all firing it; 1 is the cost that finds the pattern's 16.
+    transparency_cost: float = setting(1.0, NON_NEGATIVE)
+    # the trigger sets attacked (triggers.TRIGGER_SETS), and triggers numbered 0.. of each
+    trigger_sets: tuple = setting(("black_white_2x2", "black_white_4x4", "black_white_5x5",
+                                   "black_white_1x5", "black_white_L4x4", "random_colour"),
+                                  Each(OneOf(tuple(TRIGGER_SETS)), distinct=True))
+    triggers_per_set: int = setting(3, COUNT)
+    # the retraining of 09's comparison (the rest of `defense` kept): epochs and rate r
+    epochs: int = setting(10, COUNT)
+    poison_rate: float = setting(0.01, RATE)
+
+
+@dataclass(frozen=True)
 class Config:
     profile: str = setting(rule=OneOf(PROFILES))
     dataset: str = setting("cifar10", OneOf(("cifar10", "cifar100")))
@@ -388,8 +415,9 @@ class Config:
     width: int = setting(64, Range(low=8, integer=True, why="oneDNN's channels-last "
                                    "convolutions of fewer channels hang on AVX2 CPUs"))
     target: int = setting(0, INDEX)         # attack target class, below the dataset's classes
-    # or "random_colour" (Appendix B): triggers numbered 0..
-    trigger_set: str = setting("black_white", OneOf(("black_white", "random_colour")))
+    # where trigger ids are from (triggers.TRIGGER_SETS): the 51 black-white 3x3 ids, or
+    # Appendix B's "random_colour" or a shaped black-white set (notebook 09), numbered 0..
+    trigger_set: str = setting("black_white", OneOf(tuple(TRIGGER_SETS)))
     # trigger ids attacked (black-white: triggers.BW_TRIGGER_IDS); a repeat would duplicate rows
     triggers: tuple = setting((170,), Each(TriggerId(), distinct=True))
     seed: int = setting(0, INDEX)
@@ -411,13 +439,15 @@ class Config:
     blended: BlendedConfig = BlendedConfig()
     sampdetox: SampDetoxConfig = SampDetoxConfig()
     protocols: ProtocolsConfig = ProtocolsConfig()
+    unknown_size: UnknownSizeConfig = UnknownSizeConfig()
     # every non-baseline defence is retrained from this many seeds (seed, seed + 1, ...); the
     # baseline's starts are its seeds. The reversed triggers and MESA's generators stay those
     # of `seed`: the seeds repeat the retraining (batches, pasted positions, sampled triggers).
     defense_seeds: int = setting(1, COUNT)
-    # The defences 04 compares (names of methods.METHODS); every one by default. CONTRAST_MESA
-    # and the baseline are needed: 04 retrains the one by hand and sets it against the other.
-    defense_methods: tuple = setting(tuple(METHODS), Each(OneOf(tuple(METHODS)), distinct=True))
+    # The defences 04 compares (names of methods.METHODS); by default every one but 09's
+    # size-free MESA (methods.DEFAULT_METHODS). CONTRAST_MESA and the baseline are needed: 04
+    # retrains the one by hand and sets it against the other.
+    defense_methods: tuple = setting(DEFAULT_METHODS, Each(OneOf(tuple(METHODS)), distinct=True))
     # keep retrained weights (51 x 17 in paper); no table reads them
     save_retrained: bool = setting(True, Flag(), how=True)
     # A trigger's retrainings are trained up to this many at a time as one banked network
@@ -451,6 +481,9 @@ def _smoke() -> Config:
                                   map_poison_rates=(0.2,), map_lrs=(1e-2, 5e-2),
                                   # four: the fewest whose rankings 08 can compare
                                   screen_triggers=(170, 0, 15, 186)),
+        # one trigger, the shape that is pasted through its mask
+        unknown_size=UnknownSizeConfig(max_size=5, trigger_sets=("black_white_L4x4",),
+                                       triggers_per_set=1, epochs=1, poison_rate=0.1),
     )
 
 
@@ -491,6 +524,12 @@ def _quick() -> Config:
                                   batch_size=64, lr=5e-4, ema_decay=0.999,
                                   max_train_timestep=200, eval_images=300,
                                   eval_batch_size=300),
+        # 09 within its ~90 min on the 2-core CPU (README): one trigger of each of four
+        # shapes, and its 21 retrainings per trigger in one epoch at r = 20%, which shows as
+        # many triggered images (1,600) as 04's four epochs at 5% in a quarter of the time.
+        unknown_size=UnknownSizeConfig(trigger_sets=("black_white_2x2", "black_white_5x5",
+                                                     "black_white_L4x4", "random_colour"),
+                                       triggers_per_set=1, epochs=1, poison_rate=0.2),
     )
 
 
@@ -577,7 +616,7 @@ def _replace(obj, name, value, prefix=""):
 
 SECTIONS = (Config, TrainConfig, GeneratorConfig, MesaConfig, DetectionConfig, StudyConfig,
             VisualizationConfig, BaselineConfig, NeuralCleanseConfig, BlendedConfig,
-            SampDetoxConfig, ProtocolsConfig)
+            SampDetoxConfig, ProtocolsConfig, UnknownSizeConfig)
 # {dataclass: {field: its Rule}}, read from the fields (a section field, itself a dataclass,
 # has none: its own fields are checked).
 RULES = {section: {f.name: f.metadata["rule"] for f in dataclasses.fields(section)

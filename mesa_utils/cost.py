@@ -25,8 +25,9 @@ def retrainings_per_unit(cfg) -> int:
 
 def stage_images(cfg, classes: int = 10) -> dict:
     """Training-image equivalents of each stage: {"clean model": n} once per run, and per
-    trigger {"attack", "detection", "staircase", "baseline", "neural cleanse" (when one of its
-    methods is compared), "retrainings", "evaluation"}. classes: the dataset's (10: CIFAR-10)."""
+    trigger {"attack", "detection", "staircase" (twice with the size-free MESA), "baseline",
+    "neural cleanse" (when one of its methods is compared), "retrainings", "evaluation"}.
+    classes: the dataset's (10: CIFAR-10)."""
     train = cfg.train_subset or 50000
     defender = (cfg.test_subset or 10000) - cfg.eval_size
     det, mesa, base, nc = cfg.detection, cfg.mesa, cfg.baseline, cfg.neural_cleanse
@@ -34,7 +35,8 @@ def stage_images(cfg, classes: int = 10) -> dict:
     per_trigger = {
         "attack": cfg.attack.epochs * train,
         "detection": det.steps * classes * det.batch_size,
-        "staircase": mesa.steps * len(mesa.betas) * mesa.batch_size,
+        "staircase": mesa.steps * len(mesa.betas) * mesa.batch_size
+                     * (1 + ("mesa_free" in cfg.defense_methods)),   # and its size-free twin
         "baseline": base.steps * base.starts * base.batch_size,
         "retrainings": retrainings * cfg.defense.epochs * defender,
         # clean and triggered eval split after every retraining and attack; each generator's

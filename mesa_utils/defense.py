@@ -4,7 +4,8 @@ Retraining (paper, eq. 5) fine-tunes the backdoored model on the defender's 8K s
 a trigger from the source on each image with probability r and keeping the TRUE labels, so the
 model unlearns the trigger -> target association. The sources compared in 04_defense:
 MESA sub-models (one per beta), their uniform mixture and their mixture with Algorithm 1's
-weights; the baseline's single reversed trigger (raw 3x3 pixels optimised toward the target,
+weights; the uniform mixture of the size-free staircase (notebook 09: colour and transparency
+over an S x S window, blended in); the baseline's single reversed trigger (raw 3x3 pixels optimised toward the target,
 several random starts); Neural Cleanse's reversed mask + pattern, at its place and cut to its
 mask's bounding box at random places; and the original trigger itself (the ideal defence). Two controls are retrained alike: `finetune` (no trigger at all)
 and `random_patch` (a fresh uniformly random 3x3 patch per poisoned image): a defence earns
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from .data import to_pixels
 from .mesa import staircase_bank
-from .methods import METHODS, method_label
+from .methods import DEFAULT_METHODS, METHODS, method_label
 from .models import ResNetBank, frozen
 from .stages import DEFENSE, NEURAL_CLEANSE, REVERSE
 from .train import (Backdoor, Context, FiniteGuard, attack_success_rate, autocast,
@@ -318,7 +319,7 @@ class Retraining:
                 f"seed {seed}")
 
 
-def defense_sources(ctx: Context, backdoor: Backdoor, methods=DEFENSE_METHODS) -> list:
+def defense_sources(ctx: Context, backdoor: Backdoor, methods=DEFAULT_METHODS) -> list:
     """The Retrainings of 04's comparison for one backdoored model, for each of `methods`
     (only those are built): mesa (one per beta of the staircase), mesa_mixture (uniform
     gamma), mesa_entropy_mixture (Algorithm 1's gamma: mesa.entropy_weights; left out, with a
@@ -326,7 +327,7 @@ def defense_sources(ctx: Context, backdoor: Backdoor, methods=DEFENSE_METHODS) -
     reversal for the target class, at its place), neural_cleanse_crop (that reversal cut to
     its mask's bounding box, pasted at random places), ideal (the original trigger), and the
     controls finetune (no trigger: source None, nothing pasted) and random_patch (uniformly
-    random 3x3 patches)."""
+    random 3x3 patches); mesa_free (09): the uniform mixture of the size-free staircase."""
     unknown = sorted(set(methods) - set(DEFENSE_METHODS))
     if unknown:
         raise ValueError(f"unknown defence methods {unknown}; choose from {DEFENSE_METHODS}")
@@ -352,6 +353,11 @@ def defense_sources(ctx: Context, backdoor: Backdoor, methods=DEFENSE_METHODS) -
             runs.append(Retraining("mesa_entropy_mixture", entropy_mixture,
                                    {"kind": "mesa", "bank": bank.key, "members": members,
                                     "weights": entropy_mixture.weights.tolist()}))
+    if "mesa_free" in methods:
+        free = staircase_bank(ctx, backdoor, size_free=True)
+        runs.append(Retraining("mesa_free", free.sampler(),
+                               {"kind": "mesa", "bank": free.key,
+                                "members": [asdict(m) for m in free.members]}))
     if "baseline" in methods:
         runs += [Retraining("baseline", *patch_source(ctx, trigger), start=start)
                  for start, trigger in enumerate(baseline_triggers(ctx, backdoor))]

@@ -13,8 +13,13 @@ Every member draws its noise, images and positions from its own seeded stream, s
 reproduces K generators trained one by one (tests/test_mesa.py). A trained bank is a `Bank`:
 its sub-models are addressed by their `Member` (beta, alpha, target, seed), not by position.
 
-Stages built on it: target detection (02), the hyper-parameter study of Fig. 3 (03) and the
-defence's staircase (04, 05). The measures and tables computed on their samples are in
+A size-free bank (notebook 09, the paper's future work) generates colour AND transparency
+for every pixel of an S x S window, (K, B, 4, S, S), blended in where it is pasted
+(triggers.apply_trigger), and adds to L_i transparency_cost times the mean transparency of
+its samples that meet the hinge: the defender is told S, not the trigger's size or shape.
+
+Stages built on it: target detection (02, 09), the hyper-parameter study of Fig. 3 (03) and
+the defence's staircase (04, 05, 09). The measures and tables computed on their samples are in
 analysis.py.
 """
 import math
@@ -113,19 +118,25 @@ def _divergence_advice(setting, mcfg, members) -> str:
 
 
 def train_bank(ctx: Context, classifier, members, mcfg: GeneratorConfig, images, labels,
-               trigger_shape=(3, 3, 3), desc="MESA", setting="mesa"):
+               trigger_shape=(3, 3, 3), desc="MESA", setting="mesa", transparency_cost=0.0):
     """Train one generator (and one T) per Member on uint8 `images` (N, H, W, C), each from
     its member's seed.
 
-    The classifier is frozen in place. Returns (generators, statistics, log) with log a dict
-    of (steps, K) tensors: hinge, mi, softmax (mean target softmax), asr (share of samples
-    classified as the target). F is measured on images outside each member's target class
-    (non_target_pool). `setting` names mcfg's config section ("mesa", "detection") in the
-    NonFiniteError raised when training diverges.
+    trigger_shape: (C, h, w) triggers, or (C + 1, S, S) colour and transparency (size-free;
+    the Gaussian noise of the F term jitters the colour only, and each member's loss adds
+    transparency_cost times the mean transparency of its samples that meet the hinge, those
+    with F >= beta). The classifier is frozen in place.
+    Returns (generators, statistics, log) with log a dict of (steps, K) tensors: hinge, mi,
+    softmax (mean target softmax), asr (share of samples classified as the target), and for
+    a size-free bank opacity (mean transparency in [0, 1]). F is measured on images outside
+    each member's target class (non_target_pool). `setting` names mcfg's config section
+    ("mesa", "detection") in the NonFiniteError raised when training diverges.
     """
     device, k, b = ctx.device, len(members), mcfg.batch_size
     seeds = [m.seed for m in members]
     classifier = frozen(classifier)
+    channels = images.shape[3]
+    size_free = trigger_shape[0] == channels + 1
     generators = GeneratorBank(k, mcfg.noise_dim, mcfg.hidden, trigger_shape, seeds).to(device)
     stats = StatisticsBank(k, mcfg.noise_dim, mcfg.hidden, trigger_shape, seeds).to(device)
     opt_g = torch.optim.Adam(generators.parameters(), lr=mcfg.lr, betas=mcfg.adam_betas)
@@ -141,7 +152,10 @@ def train_bank(ctx: Context, classifier, members, mcfg: GeneratorConfig, images,
     # One K x B forward suits a GPU; a CPU is fastest per image near 128 images (cache), so
     # there the batch goes through in pieces: same result, graph and gradients.
     chunk = k * b if device.type == "cuda" else CPU_CLASSIFIER_CHUNK
-    log = {name: [] for name in ("hinge", "mi", "softmax", "asr")}   # (K,) per step, on device
+    names = ("hinge", "mi", "softmax", "asr") + (("opacity",) if size_free else ())
+    log = {name: [] for name in names}                              # (K,) per step, on device
+    # the noise of the F term jitters colour, never transparency
+    jitter_channels = torch.arange(trigger_shape[0], device=device)[:, None, None] < channels
     log_ema = None
     guard = FiniteGuard(desc, mcfg.steps, _divergence_advice(setting, mcfg, members), device)
     generators.train()
@@ -158,7 +172,7 @@ def train_bank(ctx: Context, classifier, members, mcfg: GeneratorConfig, images,
         # F term: noisy triggers (authors' std 0.1, unclamped) on K x B images outside each
         # member's target class, one (chunked) pass.
         pasted = apply_trigger(to_pixels(images[index.flatten()]),
-                               (x + mcfg.trigger_noise * jitter).flatten(0, 1),
+                               (x + mcfg.trigger_noise * jitter * jitter_channels).flatten(0, 1),
                                corner.flatten(0, 1), check=False)      # drawn valid in _draw
         with autocast(device, ctx.amp):
             logits = torch.cat([classifier(part) for part in pasted.split(chunk)])
@@ -166,6 +180,14 @@ def train_bank(ctx: Context, classifier, members, mcfg: GeneratorConfig, images,
         softmax = probs.gather(2, targets.view(k, 1, 1).expand(k, b, 1)).squeeze(2)  # (K, B)
         hinge = F.relu(betas - softmax).mean(1)
         loss = (hinge - alphas * mi).sum()
+        if size_free:
+            # Transparency costs only on samples that already meet the hinge: they shed the
+            # opacity they do not need, and a generator is never pushed to transparency before
+            # it has found what fires (at the start F is near 0 and so is its gradient).
+            opacity = x[:, :, channels:].mean((2, 3, 4))                     # (K, B)
+            met = (softmax >= betas).detach()
+            loss = loss + transparency_cost * (opacity * met).mean(1).sum()
+            opacity = opacity.mean(1)
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
         opt_g.step()
@@ -173,7 +195,7 @@ def train_bank(ctx: Context, classifier, members, mcfg: GeneratorConfig, images,
             asr = (probs.argmax(2) == targets[:, None]).float().mean(1)
         guard.watch(step, loss, t_bound, log_ema)
         for name, value in (("hinge", hinge), ("mi", mi), ("softmax", softmax.mean(1)),
-                            ("asr", asr)):
+                            ("asr", asr)) + ((("opacity", opacity),) if size_free else ()):
             log[name].append(value.detach())
         if (step + 1) % CHECK_EVERY == 0:
             bar.set_postfix(softmax=f"{float(log['softmax'][-1].mean()):.2f}",
@@ -294,11 +316,22 @@ def entropy_weights(mi: torch.Tensor, empty: torch.Tensor, betas) -> torch.Tenso
 # ---------------------------------------------------------------------------------------------
 # Cached banks with their evaluation
 
-def bank_spec(ctx, parent_key, members, section="mesa", trigger_shape=(3, 3, 3)) -> dict:
+def bank_trigger_shape(cfg, size_free: bool = False) -> tuple:
+    """What a bank's generators output: (3, 3, 3) triggers of the paper's assumed size, or
+    size-free (4, S, S) colour and transparency, S = unknown_size.max_size."""
+    if not size_free:
+        return (3, 3, 3)
+    size = cfg.unknown_size.max_size
+    return (4, size, size)
+
+
+def bank_spec(ctx, parent_key, members, section="mesa", size_free=False) -> dict:
     """The spec of a bank of `members` trained with config section `section` (stages.MESA_BANK
-    or DETECTION_BANK) against the classifier keyed `parent_key`."""
-    return BANK_STAGES[section].spec(ctx.cfg, parent_key, members=[asdict(m) for m in members],
-                                     trigger_shape=list(trigger_shape), f_images="non-target")
+    or DETECTION_BANK, their size-free stages with `size_free`) against the classifier keyed
+    `parent_key`."""
+    return BANK_STAGES[section, size_free].spec(
+        ctx.cfg, parent_key, members=[asdict(m) for m in members],
+        trigger_shape=list(bank_trigger_shape(ctx.cfg, size_free)), f_images="non-target")
 
 
 # The DV bound of a trained T is >= 0 up to sampling noise (the constant T = 0 scores exactly
@@ -312,8 +345,9 @@ def evaluate_bank(ctx: Context, classifier, generators, stats, members, n, image
                   seed=0, advice="") -> list:
     """Per member: asr and mean target softmax of n sampled triggers (one per image of another
     class than its target), the MI (entropy) estimate, and `empty` (mean softmax below beta:
-    the paper's empty sub-model). An MI estimate that is not finite or below MI_FLOOR_NATS
-    raises NonFiniteError (with `advice` appended)."""
+    the paper's empty sub-model); a size-free bank's also opaque_pixels, the mean over samples
+    of the summed transparency (a trigger's area in pixels). An MI estimate that is not
+    finite or below MI_FLOOR_NATS raises NonFiniteError (with `advice` appended)."""
     rows = []
     for i, member in enumerate(members):
         keep = (labels != member.target).nonzero().squeeze(1)
@@ -329,8 +363,11 @@ def evaluate_bank(ctx: Context, classifier, generators, stats, members, n, image
             raise NonFiniteError(f"MINE's estimate of I(G(z); z) for sub-model {i} ({member}) "
                                  f"is {mi:.3g} nats, below the floor {MI_FLOOR_NATS:g}: its "
                                  f"statistics network diverged and nothing was stored. {advice}")
-        rows.append({**asdict(member), **result, "mi": mi,
-                     "empty": result["target_softmax"] < member.beta})
+        row = {**asdict(member), **result, "mi": mi,
+               "empty": result["target_softmax"] < member.beta}
+        if samples.shape[2] > images.shape[3]:                      # colour and transparency
+            row["opaque_pixels"] = float(samples[i, :, images.shape[3]:].sum((1, 2, 3)).mean())
+        rows.append(row)
     return rows
 
 
@@ -371,7 +408,8 @@ class Bank:
         return self.sampler(members, weights)
 
     def sample(self, member: Member, n: int, generator=None) -> torch.Tensor:
-        """n triggers (n, 3, 3, 3) in (0, 1) of one member."""
+        """n triggers (n, C, h, w) in (0, 1) of one member: (n, 3, 3, 3), or size-free
+        (n, 4, S, S) colour and transparency."""
         return self.sampler([member]).sample(n, generator)
 
     def evaluation_of(self, member: Member) -> dict:
@@ -379,9 +417,9 @@ class Bank:
 
 
 def mesa_bank(ctx: Context, classifier, parent_key, members, setting="mesa",
-              desc="MESA") -> Bank:
+              desc="MESA", size_free=False) -> Bank:
     """The Bank of `members` against `classifier`, trained once under config section
-    `setting` ("mesa" or "detection") and cached.
+    `setting` ("mesa" or "detection"), size-free or of 3x3 triggers, and cached.
 
     Generators model the defender's 8K split; the evaluation rows are measured on the same
     split (sampled with cfg.seed). parent_key: the store key of the classifier (e.g.
@@ -390,13 +428,15 @@ def mesa_bank(ctx: Context, classifier, parent_key, members, setting="mesa",
     members = list(members)
     if len(set(members)) != len(members):
         raise ValueError(f"a bank's members must be distinct, got {members}")
-    spec = bank_spec(ctx, parent_key, members, setting)
+    spec = bank_spec(ctx, parent_key, members, setting, size_free)
     splits, seed, mcfg = ctx.splits, ctx.cfg.seed, getattr(ctx.cfg, setting)
+    trigger_shape = bank_trigger_shape(ctx.cfg, size_free)
 
     def build():
-        generators, stats, log = train_bank(ctx, classifier, members, mcfg,
-                                            splits.defense_images, splits.defense_labels,
-                                            desc=desc, setting=setting)
+        generators, stats, log = train_bank(
+            ctx, classifier, members, mcfg, splits.defense_images, splits.defense_labels,
+            trigger_shape, desc=desc, setting=setting,
+            transparency_cost=ctx.cfg.unknown_size.transparency_cost if size_free else 0.0)
         rows = evaluate_bank(ctx, classifier, generators, stats, members, mcfg.eval_samples,
                              splits.defense_images, splits.defense_labels, seed,
                              _divergence_advice(setting, mcfg, members))
@@ -404,7 +444,7 @@ def mesa_bank(ctx: Context, classifier, parent_key, members, setting="mesa",
                 "log": log, "evaluation": rows}
 
     record = ctx.store.get_or_build(spec["stage"], spec, build)
-    generators = GeneratorBank(len(members), mcfg.noise_dim, mcfg.hidden,
+    generators = GeneratorBank(len(members), mcfg.noise_dim, mcfg.hidden, trigger_shape,
                                seeds=[m.seed for m in members])
     generators.load_state_dict(record["generators"])
     return Bank(members, generators.to(ctx.device).eval(), record["log"],
@@ -420,17 +460,18 @@ def detection_members(cfg, num_classes: int) -> list:
     return [Member(det.beta, det.alpha, c, cfg.seed * 1000 + c) for c in range(num_classes)]
 
 
-def detect_target(ctx: Context, backdoor: Backdoor) -> list:
-    """One generator per class (one bank) against a backdoored model: Step 1 of the paper's
-    defence (section 3.3). Rows per class: asr and target_softmax of its sampled triggers on
-    the held-out eval split (images it never trained on, outside the class), train_asr on
-    the defender's split it trained on, mi, and `flagged` (asr above
-    cfg.detection.threshold)."""
+def detect_target(ctx: Context, backdoor: Backdoor, size_free=False) -> list:
+    """One generator per class (one bank, size-free with `size_free`) against a backdoored
+    model: Step 1 of the paper's defence (section 3.3). Rows per class: asr and
+    target_softmax of its sampled triggers on the held-out eval split (images it never
+    trained on, outside the class), train_asr on the defender's split it trained on, mi, and
+    `flagged` (asr above cfg.detection.threshold)."""
     cfg = ctx.cfg
     members = detection_members(cfg, ctx.splits.num_classes)
     classifier = backdoor.model(ctx)
     bank = mesa_bank(ctx, classifier, backdoor.key, members, "detection",
-                     desc=f"detection {backdoor.trigger}")
+                     desc=f"detection {backdoor.trigger}" + (" size-free" if size_free else ""),
+                     size_free=size_free)
     rows = []
     for member, trained in zip(members, bank.evaluation):
         held_out = attack_stats(ctx, classifier, ctx.splits.eval_images,
@@ -472,7 +513,9 @@ def staircase_members(cfg) -> list:
             for i, beta in enumerate(cfg.mesa.betas)]
 
 
-def staircase_bank(ctx: Context, backdoor: Backdoor) -> Bank:
-    """The staircase's Bank for one backdoored model (04 retrains with it, 05 draws it)."""
+def staircase_bank(ctx: Context, backdoor: Backdoor, size_free=False) -> Bank:
+    """The staircase's Bank for one backdoored model (04 retrains with it, 05 draws it), or
+    its size-free twin (09): the same members, colour and transparency over S x S."""
     return mesa_bank(ctx, backdoor.model(ctx), backdoor.key, staircase_members(ctx.cfg),
-                     desc=f"MESA {backdoor.trigger}")
+                     desc=f"MESA {backdoor.trigger}" + (" size-free" if size_free else ""),
+                     size_free=size_free)

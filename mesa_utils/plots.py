@@ -19,7 +19,12 @@ matplotlib.rcParams["figure.max_open_warning"] = 0   # notebooks draw many figur
 
 
 def _image(trigger) -> np.ndarray:
-    return torch.as_tensor(trigger).detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
+    """(h, w, 3) for imshow of a trigger (3, h, w), or of colour and transparency (4, h, w)
+    blended over mid-grey (where it is transparent, the grey shows)."""
+    trigger = torch.as_tensor(trigger).detach().float().cpu().clamp(0, 1)
+    if len(trigger) == 4:
+        trigger = trigger[3:] * trigger[:3] + (1 - trigger[3:]) * 0.5
+    return trigger.permute(1, 2, 0).numpy()
 
 
 def trigger_grid(triggers, titles, ncols=17, size=0.7):
@@ -470,4 +475,46 @@ def screen_replication_figure(pairs: dict, agreement: pd.DataFrame):
         ax.set_ylim(0, high)
         ax.set_aspect("equal")
     fig.tight_layout()
+    return fig
+
+
+def size_free_samples_figure(samples, titles, size=1.0):
+    """Size-free triggers (n, 4, S, S) in [0, 1], colour and transparency: per sample its
+    colour blended over mid-grey by its transparency (top row, _image) and the transparency
+    alone (bottom row, white = opaque)."""
+    samples = torch.as_tensor(samples).detach().float().cpu()
+    n = len(samples)
+    fig, axes = plt.subplots(2, n, figsize=(n * size, 2.3 * size), squeeze=False)
+    for k, (sample, title) in enumerate(zip(samples, titles)):
+        axes[0, k].imshow(_image(sample), interpolation="nearest")
+        axes[1, k].imshow(sample[3].numpy(), cmap="gray", vmin=0, vmax=1,
+                          interpolation="nearest")
+        axes[0, k].set_title(str(title), fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0, 0].set_ylabel("blended\non grey", fontsize=7)
+    axes[1, 0].set_ylabel("transparency", fontsize=7)
+    return fig
+
+
+def unknown_size_figure(summary: pd.DataFrame):
+    """09's comparison: per trigger shape (x) and method, the mean after-defence ASR (%) with
+    its 95% bootstrap interval over the runs (unknown_size.summary_table)."""
+    shapes = list(dict.fromkeys(summary.trigger_size))
+    methods = list(dict.fromkeys(summary.method))
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(shapes) + 3), 3.8))
+    width = 0.8 / len(methods)
+    for k, method in enumerate(methods):
+        part = summary[summary.method == method].set_index("trigger_size").reindex(shapes)
+        x = np.arange(len(shapes)) + (k - (len(methods) - 1) / 2) * width
+        style = METHODS[method]
+        ax.errorbar(x, part["mean_%"], yerr=np.stack([part["mean_%"] - part["low_%"],
+                                                      part["high_%"] - part["mean_%"]]),
+                    fmt=style.marker, color=style.colour, capsize=2, ms=5, label=style.label)
+    ax.set_xticks(range(len(shapes)), shapes)
+    ax.set_xlabel("trigger shape")
+    ax.set_ylabel("ASR after defence (%)\nmean, 95% interval")
+    ax.set_ylim(-2, 102)
+    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     return fig

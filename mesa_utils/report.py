@@ -20,6 +20,7 @@ from .analysis import (CONTRAST_MESA, FINDINGS, SUMMARY_COLUMNS, defense_conclus
 from .methods import paper_result
 from .run_record import duration
 from .store import REPO_ROOT, atomic_write
+from .unknown_size import COMPARED
 
 
 
@@ -62,7 +63,10 @@ NOTEBOOKS = {
            "map, the exposure curve, the baseline three ways",
            "one retraining at a rate, scored on held-out images"),
     "08": ("the hard-trigger screen", "beyond: Fig. 4's \"hard\" triggers over all 51, the "
-           "screen replicated, MESA where the baseline fails", "one trigger's screen")}
+           "screen replicated, MESA where the baseline fails", "one trigger's screen"),
+    "09": ("triggers of unknown size", "beyond: the paper's future work, a size-free MESA "
+           "(colour and transparency) on triggers of other sizes and shapes",
+           "one size-free generator: its colour, transparency, blend and hinge")}
 DEFAULT_RUN = ("01", "02", "03", "04", "05")
 
 
@@ -305,6 +309,12 @@ def report(folder: Path, figures: Path) -> str:
               "", *_markdown(table(folder, "08_rerun_spread").round(2)), "",
               "## 08 · The contrast on the other model's hardest triggers", "",
               *_markdown(table(folder, "08_contrast_verdict").round(2)), ""]
+    shapes = table(folder, "09_summary")
+    lines += ["## 09 · Triggers of unknown size (mean after-defence ASR by trigger shape)", "",
+              *_markdown(shapes.assign(asr=[ci(m, lo, hi) for m, lo, hi in zip(
+                  shapes["mean_%"], shapes["low_%"], shapes["high_%"])])
+                  .pivot(index="method", columns="trigger_size", values="asr")
+                  .reindex(COMPARED).reset_index()), ""]
     return "\n".join(lines)
 
 

@@ -92,6 +92,10 @@ BLENDED = Stage("blended", CLEAN, ("target", "attack", "blended"))
 # identity: members, the trigger shape.
 MESA_BANK = Stage("mesa", BACKDOOR, _generator_fields("mesa"))
 DETECTION_BANK = Stage("detection", BACKDOOR, _generator_fields("detection"))
+# The same, size-free (notebook 09): colour and transparency over a max_size window.
+SIZE_FREE = ("unknown_size.max_size", "unknown_size.transparency_cost")
+FREE_MESA_BANK = Stage("mesa_free", BACKDOOR, _generator_fields("mesa") + SIZE_FREE)
+FREE_DETECTION_BANK = Stage("detection_free", BACKDOOR, _generator_fields("detection") + SIZE_FREE)
 # identity: hinge_beta (None: cross-entropy toward the target)
 REVERSE = Stage("reverse", BACKDOOR, ("baseline",))
 NEURAL_CLEANSE = Stage("neural_cleanse", BACKDOOR, ("neural_cleanse",))
@@ -106,6 +110,8 @@ DIFFUSION = Stage("diffusion", None, (
 PURIFIED = Stage("purified", DIFFUSION, ("sampdetox.t1", "sampdetox.t2",
                                          "sampdetox.eval_batch_size"))
 
-STAGES = (CLEAN, BACKDOOR, BLENDED, MESA_BANK, DETECTION_BANK, REVERSE, NEURAL_CLEANSE, DEFENSE,
-          DIFFUSION, PURIFIED)
-BANK_STAGES = {"mesa": MESA_BANK, "detection": DETECTION_BANK}
+STAGES = (CLEAN, BACKDOOR, BLENDED, MESA_BANK, DETECTION_BANK, FREE_MESA_BANK,
+          FREE_DETECTION_BANK, REVERSE, NEURAL_CLEANSE, DEFENSE, DIFFUSION, PURIFIED)
+# by (config section, size-free)
+BANK_STAGES = {("mesa", False): MESA_BANK, ("detection", False): DETECTION_BANK,
+               ("mesa", True): FREE_MESA_BANK, ("detection", True): FREE_DETECTION_BANK}

@@ -1,11 +1,14 @@
-"""The 51 black-white 3x3 triggers, random-colour triggers, pasting and poisoning.
+"""The 51 black-white 3x3 triggers, random-colour and shaped triggers, pasting and poisoning.
 
 A black-white trigger is a 9-bit pattern (most significant bit top-left, row-major; the same
 value in R, G, B). Two patterns are the same trigger when a rotation, a flip, a colour
 inversion, or a combination maps one onto the other; the 512 patterns fall into 51 such
 classes, each named by its smallest member (section 4.3 of the paper).
 Triggers and images live in pixel space [0, 1]; `apply_trigger` writes triggers over images,
-one position per image (the classifier normalises what it is given).
+one position per image (the classifier normalises what it is given). A trigger of C + 1
+channels carries a transparency after its colour: it is blended in, x' = (1 - a) x + a c over
+its window, which is how a non-rectangular shape (an L in a 4x4 window) and the size-free
+generators of notebook 09 are pasted; at a = 1 the blend is exactly the paste.
 """
 import torch
 
@@ -62,27 +65,64 @@ def black_white_triggers() -> torch.Tensor:
     return torch.stack([trigger_from_id(i) for i in BW_TRIGGER_IDS])
 
 
-TRIGGER_SETS = ("black_white", "random_colour")
+# A shape is its window's mask: rows of "#" (trigger) and "." (the image shows through).
+SHAPES = {"3x3": ("###",) * 3, "2x2": ("##",) * 2, "4x4": ("####",) * 4, "5x5": ("#####",) * 5,
+          "1x5": ("#####",), "L4x4": ("#...", "#...", "#...", "####")}
+# Each trigger set's shape. black_white: the 51 canonical ids; random_colour: Appendix B's
+# uniform colours, numbered by their seed; black_white_<shape>: black or white at random on
+# every pixel of the shape, numbered by their seed (notebook 09's triggers of other sizes).
+TRIGGER_SETS = {"black_white": "3x3", "random_colour": "3x3",
+                **{f"black_white_{shape}": shape for shape in SHAPES if shape != "3x3"}}
+
+
+def shape_mask(shape: str) -> torch.Tensor:
+    """(h, w) float in {0, 1} of a SHAPES name: 1 where the trigger is."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown trigger shape {shape!r}; choose one of {', '.join(SHAPES)}")
+    return torch.tensor([[float(c == "#") for c in row] for row in SHAPES[shape]])
+
+
+def trigger_size(trigger_set: str) -> str:
+    """How tables name a trigger set's shape: "3x3", "2x2", "1x5", "L4x4" (an L in 4x4)."""
+    if trigger_set not in TRIGGER_SETS:
+        raise ValueError(f"unknown trigger set {trigger_set!r}; choose one of "
+                         f"{', '.join(TRIGGER_SETS)}")
+    return TRIGGER_SETS[trigger_set]
+
+
+def _check_number(number):
+    if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+        raise ValueError(f"a random-colour or shaped trigger is numbered by an integer >= 0, "
+                         f"got {number!r}")
 
 
 def random_colour_trigger(number: int) -> torch.Tensor:
     """(3, 3, 3) float in [0, 1): random-colour trigger `number` (Appendix B), every value
     uniform, drawn from the seed `number`: the same trigger on every machine and run."""
-    if isinstance(number, bool) or not isinstance(number, int) or number < 0:
-        raise ValueError(f"a random-colour trigger is numbered by an integer >= 0, got "
-                         f"{number!r}")
+    _check_number(number)
     return torch.rand(3, 3, 3, generator=torch.Generator().manual_seed(number))
 
 
+def shaped_black_white_trigger(shape: str, number: int) -> torch.Tensor:
+    """Black-white trigger `number` of a SHAPES shape: each of its pixels black or white (the
+    same in R, G, B), drawn from the seed `number`. (3, h, w) in {0, 1} for a full window,
+    (4, h, w) with the mask as transparency where the shape leaves pixels out."""
+    _check_number(number)
+    mask = shape_mask(shape)
+    bits = torch.randint(2, mask.shape, generator=torch.Generator().manual_seed(number))
+    colour = bits.float().expand(3, *mask.shape).clone()
+    return colour if bool(mask.all()) else torch.cat([colour * mask, mask[None]])
+
+
 def trigger_pattern(trigger_set: str, trigger_id: int) -> torch.Tensor:
-    """(3, 3, 3) float in [0, 1]: trigger `trigger_id` of `trigger_set` ("black_white": a
-    9-bit pattern, trigger_from_id; "random_colour": random_colour_trigger)."""
+    """Trigger `trigger_id` of `trigger_set` (TRIGGER_SETS), float in [0, 1]: (3, h, w), or
+    (4, h, w) colour and transparency for a shape that is no full rectangle."""
+    shape = trigger_size(trigger_set)
     if trigger_set == "black_white":
         return trigger_from_id(trigger_id)
     if trigger_set == "random_colour":
         return random_colour_trigger(trigger_id)
-    raise ValueError(f"unknown trigger set {trigger_set!r}; choose one of "
-                     f"{', '.join(TRIGGER_SETS)}")
+    return shaped_black_white_trigger(shape, trigger_id)
 
 
 def random_positions(n, image_size, trigger_size, device=None, generator=None) -> torch.Tensor:
@@ -109,16 +149,19 @@ def apply_trigger(images, triggers, positions=None, generator=None, check=True):
     """Paste triggers over images, one top-left corner per image.
 
     images: float (N, C, H, W) pixels in [0, 1].
-    triggers: float pixels in [0, 1], (C, h, w) for all images or (N, C, h, w) one each.
+    triggers: float pixels in [0, 1], (C, h, w) for all images or (N, C, h, w) one each; with
+    C + 1 channels the last is a transparency a in [0, 1] and the window is blended,
+    (1 - a) * image + a * colour (at a = 1 exactly the paste).
     positions: int (N, 2) of (row, column); None draws uniform corners with `generator`.
     check: whether given positions are checked (check_positions); False only for corners
     drawn as random_positions draws them, which saves a host synchronisation per call in
     the training loops. Returns a new tensor; gradients flow to `triggers`.
     """
     n, c, height, width = images.shape
-    if triggers.dim() not in (3, 4) or triggers.shape[-3] != c:
+    if triggers.dim() not in (3, 4) or triggers.shape[-3] not in (c, c + 1):
         raise ValueError(f"trigger shape {tuple(triggers.shape)} does not fit images of shape "
-                         f"{tuple(images.shape)}: expected (C, h, w) or (N, C, h, w) with C={c}")
+                         f"{tuple(images.shape)}: expected (C, h, w) or (N, C, h, w) with C={c} "
+                         f"(or C={c + 1}: colour and transparency)")
     if triggers.dim() == 4 and triggers.shape[0] != n:
         raise ValueError(f"{triggers.shape[0]} triggers for {n} images: give one trigger "
                          "(C, h, w) or exactly one per image (N, C, h, w)")
@@ -134,11 +177,15 @@ def apply_trigger(images, triggers, positions=None, generator=None, check=True):
     elif check:
         check_positions(positions, (height, width), (h, w))
     patch = triggers.to(device, images.dtype)
-    patch = patch.expand(n, c, h, w).permute(0, 2, 3, 1)                     # (N, h, w, C)
+    patch = patch.expand(n, -1, h, w).permute(0, 2, 3, 1)             # (N, h, w, C or C + 1)
     rows = (positions[:, :1] + torch.arange(h, device=device))[:, :, None]   # (N, h, 1)
     cols = (positions[:, 1:] + torch.arange(w, device=device))[:, None, :]   # (N, 1, w)
+    window = (torch.arange(n, device=device)[:, None, None], slice(None), rows, cols)
+    if patch.shape[-1] > c:
+        colour, alpha = patch[..., :c], patch[..., c:]
+        patch = (1 - alpha) * images[window] + alpha * colour            # (N, h, w, C)
     out = images.clone()
-    out[torch.arange(n, device=device)[:, None, None], :, rows, cols] = patch
+    out[window] = patch
     return out
 
 

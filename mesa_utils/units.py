@@ -109,8 +109,8 @@ def _defence_tables(ctx, trigger: int) -> dict:
 
 # mesa: the staircase's members (alpha, betas); the methods compared and their seeds
 DEFENCE = UnitKind("defence", "units/defence", ("staircase", "defense_runs"), _defence_tables,
-                   _run_triggers, (stages.MESA_BANK, stages.REVERSE, stages.NEURAL_CLEANSE,
-                                   stages.DEFENSE),
+                   _run_triggers, (stages.MESA_BANK, stages.FREE_MESA_BANK, stages.REVERSE,
+                                   stages.NEURAL_CLEANSE, stages.DEFENSE),
                    reads=("mesa", "defense_methods", "defense_seeds"))
 NEURAL_CLEANSE = UnitKind("neural_cleanse", "units/neural_cleanse", ("neural_cleanse",),
                           lambda ctx, trigger: {"neural_cleanse": [neural_cleanse_row(

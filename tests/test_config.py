@@ -82,7 +82,7 @@ INVALID = [
                        "trigger id (an integer in [0, 2^63 - 1]), got ()"),
     ({"triggers": [-1]}, "triggers[0] must be a trigger id (an integer in [0, 2^63 - 1]), got -1"),
     ({"trigger_set": "colour"}, "trigger_set must be one of 'black_white', 'random_colour', "
-                                "got 'colour'"),
+                                "'black_white_2x2', "),
     ({"triggers": [170, 170]}, "got (170, 170): 170 repeats"),
     ({"study.beta": 1.0}, "study.beta must be in (0, 1), got 1.0"),
     ({"detection.threshold": 1.5}, "detection.threshold must be in (0, 1), got 1.5"),

@@ -3,7 +3,7 @@ import pytest
 
 from mesa_utils import cost
 from mesa_utils.config import make_config
-from mesa_utils.methods import METHODS
+from mesa_utils.methods import DEFAULT_METHODS, METHODS
 
 
 def test_each_stage_counts_the_images_it_trains_on():
@@ -16,11 +16,15 @@ def test_each_stage_counts_the_images_it_trains_on():
     assert stages["detection"] == 200 * 10 * 32 and stages["staircase"] == 300 * 3 * 64
     assert stages["baseline"] == 55 * 3 * 128 and "neural cleanse" not in stages
     assert stages["evaluation"] == pytest.approx((2 * 2000 * 16 + 10 * 2500 + 3 * 1000) / 3)
-    every = make_config("quick", defense_methods=tuple(METHODS))
+    every = make_config("quick", defense_methods=DEFAULT_METHODS)
     # the 3 sub-models and 7 other sources from 3 seeds, the baseline once per start: 04 of
     # 2026-12-03 ran 165 for five triggers
     assert cost.retrainings_per_unit(every) == (3 + 7) * 3 + 3 == 165 // 5
     assert cost.stage_images(every)["per trigger"]["neural cleanse"] == 300 * 10 * 32
+    # the size-free MESA: one more source from 3 seeds, and a second staircase to train
+    free = make_config("quick", defense_methods=tuple(METHODS))
+    assert cost.retrainings_per_unit(free) == 36
+    assert cost.stage_images(free)["per trigger"]["staircase"] == 2 * 300 * 3 * 64
 
 
 def test_minutes_scale_with_the_measured_pace():

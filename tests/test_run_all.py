@@ -105,9 +105,11 @@ def repo_copy(tmp_path, notebooks):
 
 
 def run_copy(tmp_path, venv, *args, env=None):
+    # as a user's shell starts it: without the TQDM_DISABLE that --test sets for its own run
+    shell = {name: value for name, value in os.environ.items() if name != "TQDM_DISABLE"}
     return subprocess.run(["bash", str(tmp_path / "run_all.sh"), *args], capture_output=True,
                           text=True, timeout=600,
-                          env={**os.environ, "MESA_VENV": str(venv), **(env or {})})
+                          env={**shell, "MESA_VENV": str(venv), **(env or {})})
 
 
 def test_run_all_names_no_stale_notebook_when_papermill_rejects_its_arguments(tmp_path):

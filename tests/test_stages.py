@@ -139,10 +139,11 @@ def _stage_builds():
     from mesa_utils import defense, mesa, sampdetox, train
     from mesa_utils.triggers import TriggerPaster, trigger_from_id
 
-    def bank(ctx, section):     # its members are its identity, chosen by the caller
+    def bank(ctx, section, size_free=False):     # its members: its identity, chosen by the caller
         backdoor = train.backdoored_model(ctx, 170)
         return mesa.mesa_bank(ctx, backdoor.model(ctx), backdoor.key,
-                              [mesa.Member(0.8, 0.1, 0), mesa.Member(0.5, 0.1, 1)], section)
+                              [mesa.Member(0.8, 0.1, 0), mesa.Member(0.5, 0.1, 1)], section,
+                              size_free=size_free)
 
     def purified(ctx):
         diffusion = sampdetox.diffusion_model(ctx)
@@ -153,6 +154,8 @@ def _stage_builds():
         stages.BLENDED: lambda ctx: train.blended_model(ctx),
         stages.MESA_BANK: lambda ctx: bank(ctx, "mesa"),
         stages.DETECTION_BANK: lambda ctx: bank(ctx, "detection"),
+        stages.FREE_MESA_BANK: lambda ctx: bank(ctx, "mesa", size_free=True),
+        stages.FREE_DETECTION_BANK: lambda ctx: bank(ctx, "detection", size_free=True),
         stages.REVERSE: lambda ctx: defense.baseline_triggers(
             ctx, train.backdoored_model(ctx, 170), hinge_beta=0.8),
         stages.NEURAL_CLEANSE: lambda ctx: defense.neural_cleanse_result(
