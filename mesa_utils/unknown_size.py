@@ -66,6 +66,13 @@ def shape_backdoors(ctx: Context) -> list:
             for trigger_set in u.trigger_sets for number in range(u.triggers_per_set)]
 
 
+def shape_label(trigger_set: str) -> str:
+    """How 09's tables name a trigger set (column trigger_size): its shape
+    (triggers.trigger_size), with " colour" for Appendix B's random colours: "2x2", "L4x4",
+    "3x3 colour"."""
+    return trigger_size(trigger_set) + (" colour" if trigger_set == "random_colour" else "")
+
+
 def trigger_pixels(trigger_set: str) -> int:
     """How many pixels a trigger of `trigger_set` covers (its shape's mask)."""
     return int(shape_mask(trigger_size(trigger_set)).sum())
@@ -73,7 +80,7 @@ def trigger_pixels(trigger_set: str) -> int:
 
 def _described(backdoor, rows) -> list:
     """rows of one backdoor, led by its trigger set, shape and area in pixels."""
-    return [{"trigger_size": trigger_size(backdoor.trigger_set),
+    return [{"trigger_size": shape_label(backdoor.trigger_set),
              "trigger_set": backdoor.trigger_set,
              "trigger_pixels": trigger_pixels(backdoor.trigger_set), **row} for row in rows]
 
@@ -81,7 +88,7 @@ def _described(backdoor, rows) -> list:
 def attack_rows(ctx: Context, backdoors) -> pd.DataFrame:
     """01's attack table (train.attack_table) of 09's backdoors, with their shapes."""
     table = attack_table(ctx, backdoors)
-    table.insert(0, "trigger_size", [trigger_size(s) for s in table.trigger_set])
+    table.insert(0, "trigger_size", [shape_label(s) for s in table.trigger_set])
     table.insert(2, "trigger_pixels", [trigger_pixels(s) for s in table.trigger_set])
     return table
 

@@ -62,6 +62,10 @@ def test_shaped_triggers_have_their_shape_and_are_the_same_on_every_call():
     assert line.shape == (3, 1, 5)
     assert corner.shape == (4, 4, 4) and torch.equal(corner[3], shape_mask("L4x4"))
     assert int(corner[3].sum()) == 7 and set(SHAPES) >= {"2x2", "4x4", "5x5", "1x5", "L4x4"}
+    assert [unknown_size.shape_label(s) for s in ("black_white_L4x4", "random_colour")] == [
+        "L4x4", "3x3 colour"]
+    assert [unknown_size.trigger_pixels(s) for s in ("black_white_L4x4", "random_colour")] == [
+        7, 9]
     # an L pasted over grey changes its 7 pixels, never the rest of its window
     out = apply_trigger(torch.full((1, 3, 4, 4), 0.5), corner, torch.tensor([[0, 0]]))
     assert torch.equal(out[0, :, shape_mask("L4x4") == 0], torch.full((3, 9), 0.5))
