@@ -20,7 +20,7 @@ STOP = "--no-such-option"
 
 @pytest.mark.parametrize("args, message", [
     (["--profile", "huge"], "unknown profile 'huge'; choose smoke, quick or paper"),
-    (["--only", "09"], "no notebook numbered '09'; choose from: 01 02 03 04 05"),
+    (["--only", "99"], "no notebook numbered '99'; choose from: 01 02 03 04 05"),
     (["--only"], "--only needs notebook numbers"),
 ])
 def test_run_all_rejects_bad_arguments(args, message):
@@ -39,7 +39,7 @@ def test_run_all_only_rejects_empty_numbers(only):
 
 @pytest.mark.parametrize("args, message", [
     (["--only", "03,03"], "--only 03,03: notebook 03 is listed twice"),
-    (["--only=09"], "no notebook numbered '09'; choose from: 01 02 03 04 05"),
+    (["--only=99"], "no notebook numbered '99'; choose from: 01 02 03 04 05"),
     (["--only", "*"], "no notebook numbered '*'"),
 ])
 def test_run_all_only_rejects_repeats_and_unknown_numbers(args, message):
