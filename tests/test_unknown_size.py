@@ -71,6 +71,13 @@ def test_shaped_triggers_have_their_shape_and_are_the_same_on_every_call():
     assert torch.equal(out[0, :, shape_mask("L4x4") == 0], torch.full((3, 9), 0.5))
 
 
+def test_an_unknown_shape_or_a_bad_number_is_refused_by_name():
+    with pytest.raises(ValueError, match="unknown trigger shape '3x4'; choose one of 3x3, 2x2"):
+        shape_mask("3x4")
+    with pytest.raises(ValueError, match="numbered by an integer >= 0, got -1"):
+        trigger_pattern("black_white_5x5", -1)
+
+
 def test_the_black_white_ids_and_their_keys_are_unchanged():
     """Keys computed by the code before shaped triggers existed (commit e8c9a94)."""
     assert trigger_pattern("black_white", 170).equal(trigger_from_id(170))
