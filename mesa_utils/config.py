@@ -524,9 +524,10 @@ def _quick() -> Config:
                                   batch_size=64, lr=5e-4, ema_decay=0.999,
                                   max_train_timestep=200, eval_images=300,
                                   eval_batch_size=300),
-        # 09 within its ~90 min on the 2-core CPU (README): one trigger of each of four
-        # shapes, and its 21 retrainings per trigger in one epoch at r = 20%, which shows as
-        # many triggered images (1,600) as 04's four epochs at 5% in a quarter of the time.
+        # 09 within 90 min on the 2-core CPU (about 70 from an empty store, 2026-12-06): one
+        # trigger of each of four shapes, and its 21 retrainings per trigger in one epoch at
+        # r = 20%, which shows as many triggered images (1,600) as 04's four epochs at 5% in a
+        # quarter of the time.
         unknown_size=UnknownSizeConfig(trigger_sets=("black_white_2x2", "black_white_5x5",
                                                      "black_white_L4x4", "random_colour"),
                                        triggers_per_set=1, epochs=1, poison_rate=0.2),
